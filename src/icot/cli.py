@@ -1,0 +1,142 @@
+"""Command line: ``icot data``, ``icot train``, ``icot eval``, ``icot predict``, ``icot pipeline``.
+
+Bad input (data, config, checkpoint) ends in one line on stderr naming the file, the line or field
+and the problem, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from icot.errors import IcotInputError
+
+STAGES = ("teacher", "nocot", "student", "emulator", "couple")
+
+
+def _data_mult(args: argparse.Namespace) -> None:
+    from icot.data.multiplication import write_training_file
+
+    stats = write_training_file(args.out, args.digits, args.digits_b or args.digits, args.count, args.seed,
+                                args.exclude or [])
+    print(json.dumps(stats))
+
+
+def _data_gsm8k(args: argparse.Namespace) -> None:
+    from icot.data.gsm8k import convert_original
+
+    report = convert_original(args.input, args.out)
+    print(report.summary())
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from icot.config import load_config
+    from icot.training import stages
+
+    config = load_config(args.config, overrides)
+    result = stages.run(args.stage, config, args.out, teacher=args.teacher, student=args.student,
+                        emulator=args.emulator)
+    print(json.dumps(result, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from icot.data import read_examples
+    from icot.evaluation import evaluate, load_predictor, write_json
+
+    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
+    result = evaluate(predictor, read_examples(args.data, allow_empty_cot=True), batch_size=args.batch_size, limit=args.limit)
+    result = {"model": args.model, "data": args.data, **result}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(result, args.json)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from icot.evaluation import load_predictor
+
+    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
+    for text, pred in zip(args.inputs, predictor.predict(args.inputs)):
+        if pred.cot:
+            print(f"cot: {pred.cot}")
+        print(f"answer: {pred.answer}" if len(args.inputs) == 1 else f"{text} => {pred.answer}")
+
+
+def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
+    from icot.config import load_config
+    from icot.pipeline import run_pipeline
+
+    config = load_config(args.config, overrides)
+    run_pipeline(config, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``icot`` argument parser."""
+    parser = argparse.ArgumentParser(prog="icot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make training data").add_subparsers(dest="task", required=True)
+    mult = data.add_parser("mult", help="generate multiplication examples in the papers' format")
+    mult.add_argument("--digits", type=int, required=True, help="digits of the first operand (N)")
+    mult.add_argument("--digits-b", type=int, default=0, help="digits of the second operand (M; default N)")
+    mult.add_argument("--count", type=int, required=True)
+    mult.add_argument("--seed", type=int, default=0)
+    mult.add_argument("--out", required=True)
+    mult.add_argument("--exclude", action="append", help="data file whose INPUTs must not appear (repeatable)")
+    gsm = data.add_parser("gsm8k", help="GSM8K original -> equation-only CoT")
+    gsm.add_argument("--in", dest="input", required=True)
+    gsm.add_argument("--out", required=True)
+
+    train = sub.add_parser("train", help="train one stage (extra --section.key VALUE flags override the config)")
+    train.add_argument("stage", choices=STAGES)
+    train.add_argument("--config", help="YAML config")
+    train.add_argument("--out", required=True, help="stage directory to write")
+    train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator)")
+    train.add_argument("--student", default="", help="student stage directory (couple)")
+    train.add_argument("--emulator", default="", help="emulator stage directory (couple)")
+
+    ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
+    ev.add_argument("--model", required=True, help="model or stage directory")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--limit", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--json", help="also write the result here")
+
+    pr = sub.add_parser("predict", help="answer inputs")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--max-new-tokens", type=int, default=256)
+    pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
+
+    pipe = sub.add_parser("pipeline", help="teacher -> student -> emulator -> couple, no-CoT baseline, evaluation")
+    pipe.add_argument("config", help="YAML config")
+    pipe.add_argument("--out", required=True, help="run directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``icot`` console script."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "pipeline"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "data":
+            _data_mult(args) if args.task == "mult" else _data_gsm8k(args)
+        elif args.command == "train":
+            _train(args, extra)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "predict":
+            _predict(args)
+        else:
+            _pipeline(args, extra)
+    except (IcotInputError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"icot: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Exact-match accuracy and throughput (examples/s), as the papers measure them.
+
+A *predictor* turns a batch of INPUT strings into ``(cot, answer)`` pairs by greedy decoding; the
+explicit-CoT teacher, the no-CoT model and the implicit model each provide one. Batches are
+left-padded so that every row's prompt ends at the same position and ``generate`` decodes all rows
+together (no Python loop over the batch); rows that finished early are cut at their ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+
+from icot.data import Example
+from icot.tokenizer import Layout
+
+
+@dataclass
+class Prediction:
+    """What a model produced for one input: the CoT text (empty without CoT) and the answer."""
+
+    cot: str
+    answer: str
+
+
+class Predictor(Protocol):
+    """Anything that answers a batch of inputs."""
+
+    layout: Layout
+
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]: ...
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)``, both (B, T)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # building the batch, not the hot path
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class StopAfterEos(StoppingCriteria):
+    """Stop a row once it has generated ``count`` end-of-text tokens.
+
+    The explicit layout uses the same token for ``<sep>`` and ``<eos>`` (as the papers do with GPT-2),
+    so the teacher must stop at its second one, not its first.
+    """
+
+    def __init__(self, eos_id: int, count: int, prompt_length: int):
+        self.eos_id, self.count, self.prompt_length = eos_id, count, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length:]  # (B, t)
+        return (generated == self.eos_id).sum(dim=1) >= self.count  # (B,)
+
+
+def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: Layout,
+                    n_eos: int, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding until ``n_eos`` end-of-text tokens per row; returns only the new tokens (B, t)."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=layout.pad_id,
+        eos_token_id=None, bos_token_id=None,
+    )
+    prompt_length = input_ids.shape[1]
+    stop = StoppingCriteriaList([StopAfterEos(layout.eos_id, n_eos, prompt_length)])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         stopping_criteria=stop)
+    return out[:, prompt_length:]
+
+
+class LMPredictor:
+    """Greedy answers of a plain causal LM: the explicit-CoT teacher, the no-CoT or the stepwise model."""
+
+    def __init__(self, model: PreTrainedModel, layout: Layout, with_cot: bool, max_new_tokens: int = 256):
+        self.model, self.layout, self.with_cot, self.max_new_tokens = model, layout, with_cot, max_new_tokens
+
+    @torch.no_grad()
+    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
+        """Decode a batch of inputs."""
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad([self.layout.prompt_ids(x) for x in inputs], self.layout.pad_id, device)
+        new = greedy_generate(self.model, ids, mask, self.layout, 2 if self.with_cot else 1, self.max_new_tokens)
+        return [Prediction(*self.layout.split_generation(row, self.with_cot)) for row in new.tolist()]
+
+
+def normalize_answer(text: str) -> str:
+    """Answers compare after whitespace normalisation only."""
+    return " ".join(text.split())
+
+
+def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int = 1, limit: int = 0,
+             progress: bool = True, warmup: bool = True) -> dict:
+    """Exact-match accuracy and examples/s over ``examples``.
+
+    Args:
+        predictor: the model to evaluate.
+        examples: test examples (their CoT is never shown to the predictor).
+        batch_size: examples decoded together; the papers report batch size 1.
+        limit: evaluate the first N examples (0: all).
+        progress: show a progress bar.
+        warmup: decode one untimed batch first, so one-time start-up costs do not count as speed.
+
+    Returns:
+        ``{"accuracy", "examples_per_second", "n", "correct", "batch_size", "seconds"}``.
+    """
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if warmup:
+        predictor.predict([ex.input for ex in examples[:batch_size]])
+    correct = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(examples), desc=f"eval bs={batch_size}", disable=not progress, leave=False)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        preds = predictor.predict([ex.input for ex in chunk])
+        correct += sum(normalize_answer(p.answer) == normalize_answer(ex.answer) for p, ex in zip(preds, chunk))
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    n = len(examples)
+    return {"accuracy": correct / n, "examples_per_second": n / seconds, "n": n, "correct": correct,
+            "batch_size": batch_size, "seconds": seconds}
+
+
+def predict_all(predictor: Predictor, inputs: Sequence[str], batch_size: int) -> list[Prediction]:
+    """Predictions for many inputs, ``batch_size`` at a time."""
+    out: list[Prediction] = []
+    for i in range(0, len(inputs), batch_size):
+        out.extend(predictor.predict(inputs[i:i + batch_size]))
+    return out
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    """Write an evaluation result as JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+__all__ = ["Prediction", "Predictor", "LMPredictor", "evaluate", "predict_all", "left_pad", "greedy_generate",
+           "StopAfterEos", "normalize_answer", "write_json"]
+
+
+def load_predictor(path: str, max_new_tokens: int = 256) -> Predictor:
+    """The predictor of a model or stage directory: a causal LM (explicit or no-CoT) or an implicit model."""
+    from icot.errors import CheckpointError
+    from icot.models.lm import load_lm_dir, read_meta
+    from icot.training.loop import model_path
+
+    directory = model_path(path)
+    meta = read_meta(directory)
+    if meta["kind"] == "lm":
+        model, tokenizer, meta = load_lm_dir(directory)
+        model.eval()
+        return LMPredictor(model, Layout(tokenizer), meta.get("layout") == "explicit", max_new_tokens)
+    if meta["kind"] == "implicit":
+        from icot.models.implicit import ImplicitModel, ImplicitPredictor
+
+        model = ImplicitModel.from_pretrained(directory)
+        model.eval()
+        return ImplicitPredictor(model, max_new_tokens)
+    raise CheckpointError(f"field 'kind' is '{meta['kind']}': only 'lm' and 'implicit' models answer questions",
+                          directory)

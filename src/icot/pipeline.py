@@ -1,0 +1,194 @@
+"""``icot pipeline``: teacher -> student -> emulator -> couple, the no-CoT baseline, then evaluation.
+
+Every stage writes its own directory under ``RUN_DIR``; a stage whose directory already holds a
+finished run of the same resolved config is skipped, so an interrupted pipeline continues where it
+stopped. The results go to ``RUN_DIR/results.json``, ``RUN_DIR/results.md`` and
+``RUN_DIR/accuracy_vs_speed.png``; the implicit model is ``RUN_DIR/implicit/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from icot.config import IcotConfig
+from icot.data import read_examples
+from icot.data.multiplication import write_training_file
+from icot.evaluation import evaluate, load_predictor
+from icot.training import stages
+from icot.training.loop import stage_is_done
+
+# Stage -> config sections its output depends on (a change in any of them reruns the stage).
+DEPENDS = {
+    "teacher": ("data", "model", "teacher"),
+    "nocot": ("data", "model", "nocot"),
+    "student": ("data", "model", "teacher", "kd", "student"),
+    "emulator": ("data", "model", "teacher", "kd", "emulator"),
+    "couple": ("data", "model", "teacher", "kd", "student", "emulator", "couple"),
+}
+# Stage -> directory name under RUN_DIR.
+STAGE_DIRS = {"teacher": "teacher", "nocot": "nocot", "student": "student", "emulator": "emulator",
+              "couple": "implicit"}
+# Method -> (row name, the stage whose model answers).
+METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teacher"), "icot-kd": ("icot-kd", "couple")}
+BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "icot-kd": "implicit-batched"}
+
+
+def stages_for(methods: list[str]) -> list[str]:
+    """The stages a list of methods needs, in training order."""
+    need = set()
+    if "explicit" in methods or "icot-kd" in methods:
+        need.add("teacher")
+    if "nocot" in methods:
+        need.add("nocot")
+    if "icot-kd" in methods:
+        need |= {"student", "emulator", "couple"}
+    return [s for s in ("teacher", "nocot", "student", "emulator", "couple") if s in need]
+
+
+def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
+    """Write the generated train/valid files of ``data.generate`` (once) and point the config at them."""
+    gen = config.data.generate
+    if gen is None:
+        return config
+    data_dir = run_dir / "data"
+    train, valid = data_dir / "train.txt", data_dir / "valid.txt"
+    stamp = data_dir / "generate.json"
+    wanted = {**dataclasses.asdict(gen), "test": config.data.test}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        digits_b = gen.digits_b or gen.digits
+        exclude = [config.data.test] if config.data.test else []
+        write_training_file(train, gen.digits, digits_b, gen.train_count, gen.seed, exclude)
+        write_training_file(valid, gen.digits, digits_b, gen.valid_count, gen.seed + 1, exclude + [str(train)])
+        stamp.write_text(json.dumps(wanted, indent=2))
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, train=str(train), valid=str(valid)))
+
+
+def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
+    saved = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
+    current = config.section(*sections)
+    return all(saved.get(k) == v for k, v in current.items())
+
+
+def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train (or skip, when already done with the same config) every stage the methods need."""
+    report: dict[str, dict[str, Any]] = {}
+    dirs = {name: run_dir / STAGE_DIRS[name] for name in STAGE_DIRS}
+    for name in stages_for(config.methods):
+        out = dirs[name]
+        if stage_is_done(out) and _same_config(out, config, DEPENDS[name]):
+            meta = json.loads((out / "icot.json").read_text())
+            report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}
+            print(f"[icot] stage {name}: already done in {out}, skipped")
+            continue
+        print(f"[icot] stage {name} -> {out}")
+        result = stages.run(name, config, out, progress=progress, teacher=str(dirs["teacher"]),
+                            student=str(dirs["student"]), emulator=str(dirs["emulator"]))
+        report[name] = {"skipped": False, **result}
+    return report
+
+
+def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per method at ``eval.batch_size`` (the papers' batch 1), plus batched rows."""
+    test = read_examples(config.data.test, allow_empty_cot=True)
+    rows = []
+    for method in config.methods:
+        row_name, stage = METHOD_ROWS[method]
+        predictor = load_predictor(str(run_dir / STAGE_DIRS[stage]), config.eval.max_new_tokens)
+        sizes = [(row_name, config.eval.batch_size)]
+        if config.eval.batched_size:
+            sizes.append((BATCHED_ROW[method], config.eval.batched_size))
+        for name, batch_size in sizes:
+            r = evaluate(predictor, test, batch_size=batch_size, limit=config.eval.limit, progress=progress)
+            rows.append({"method": name, **{k: r[k] for k in ("accuracy", "examples_per_second", "batch_size", "n")}})
+            print(f"[icot] {name}: accuracy {r['accuracy']:.4f}, {r['examples_per_second']:.1f} examples/s "
+                  f"at batch {batch_size}")
+    return rows
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The paper-shaped table: method, accuracy, examples/s, speed relative to no-CoT at the same batch size."""
+    rows = results["rows"]
+    base = {r["batch_size"]: r["examples_per_second"] for r in rows if r["method"].startswith("no-cot")}
+    lines = [f"Test file: `{results['test']}` (n = {rows[0]['n'] if rows else 0}); seed {results['seed']}; "
+             f"commit `{results['commit'][:12]}`; {results['machine']['cpu_count']} CPU cores, "
+             f"device {results['machine']['device']}.", "",
+             "| method | accuracy | examples/s | batch size | speed vs no-CoT |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ratio = r["examples_per_second"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['examples_per_second']:.1f} | "
+                     f"{r['batch_size']} | {ratio:.2f}x |")
+    lines += ["", "| stage | wall time (min) | optimizer steps | examples | best validation |", "| --- | --- | --- | --- | --- |"]
+    for name, s in results["stages"].items():
+        best = s.get("best") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k in ("accuracy", "loss"))
+        skipped = " (reused)" if s.get("skipped") else ""
+        lines.append(f"| {name}{skipped} | {(s.get('seconds') or 0) / 60:.1f} | {s.get('steps')} | {s.get('examples')} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against examples/s (log scale), one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results["rows"]:
+        ax.scatter(r["examples_per_second"], 100 * r["accuracy"], s=40)
+        ax.annotate(f"{r['method']} (bs {r['batch_size']})", (r["examples_per_second"], 100 * r["accuracy"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("examples / second")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.set_title(Path(results["test"]).parent.name or "results")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline into ``run_dir`` and write its results; returns the results dict."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.data.test:
+        raise ValueError("data.test is empty: the pipeline evaluates on a test file")
+    start = time.monotonic()
+    config = generate_data(config, run_dir)
+    stage_report = run_stages(config, run_dir, progress)
+    rows = evaluate_methods(config, run_dir, progress)
+    results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,
+               "commit": _commit(), "machine": machine(), "wall_seconds": time.monotonic() - start,
+               "config": config.to_dict()}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    plot(results, run_dir / "accuracy_vs_speed.png")
+    print(results_markdown(results))
+    return results

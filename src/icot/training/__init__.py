@@ -1,0 +1,1 @@
+"""Training stages, all on :func:`icot.training.loop.train_stage`."""

@@ -1,0 +1,81 @@
+"""Stage ``emulator``: thought emulation (METHOD.md, ICoT-KD step 3).
+
+The emulator reads only ``INPUT <sep>``; at each layer it predicts the teacher's state ``z_l`` from
+its own state at ``<sep>`` and writes a vector back there. Loss: ``sum_l ||ẑ_l - z_l||^2 / 2`` averaged
+over the batch, plus, with K > 1 mixture components, the classification loss of the component that
+the teacher's CoT token at ``t_l`` selects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from icot.config import IcotConfig
+from icot.models.emulator import ThoughtEmulator, component_loss, state_loss
+from icot.tokenizer import Layout
+from icot.training.causal_lm import chunks, to_device
+from icot.training.frozen_teacher import PairedItem, kd_data, kd_start, paired_batch
+from icot.training.loop import Stage
+
+
+class EmulatorWithTeacher(nn.Module):
+    """The trainable emulator beside the frozen teacher whose states it learns to predict."""
+
+    def __init__(self, emulator: ThoughtEmulator, teacher: FrozenTeacher, mixture_loss_weight: float):
+        super().__init__()
+        self.emulator, self.teacher = emulator, teacher
+        self.mixture_loss_weight = mixture_loss_weight
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, positions = self.teacher.states(batch)  # (B, L, H), (B, L)
+        k = self.emulator.mixture.num_embeddings
+        # The component of layer l is the teacher's CoT token at t_l (METHOD.md), folded into K classes.
+        components = batch["teacher_input_ids"].gather(1, positions) % k if k > 1 else None  # (B, L)
+        out = self.emulator(batch["input_ids"], batch["attention_mask"], batch["s1"], components)
+        parts = {"state_loss": state_loss(out.states, z)}
+        if out.component_logits is not None:
+            parts["component_loss"] = component_loss(out.component_logits, components)
+        loss = parts["state_loss"] + self.mixture_loss_weight * parts.get("component_loss", 0.0)
+        return loss, parts
+
+
+class EmulatorStage(Stage):
+    """Train a thought emulator against a frozen teacher."""
+
+    name = "emulator"
+
+    def __init__(self, config: IcotConfig, teacher_dir: str):
+        self.config, self.cfg = config, config.emulator
+        teacher, lm, tokenizer = kd_start(config, self.cfg, teacher_dir)
+        self.tokenizer, self.layout = tokenizer, Layout(tokenizer)
+        emulator = ThoughtEmulator(lm, mixture_size=config.kd.mixture_size)
+        self.module = EmulatorWithTeacher(emulator, teacher, config.kd.mixture_loss_weight)
+        self.train_items, _, self.valid_items = kd_data(config, self.layout, teacher.lm)
+
+    def collate(self, items: Sequence[PairedItem]) -> dict[str, torch.Tensor]:
+        return paired_batch(items, self.layout.pad_id)
+
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = module(batch)
+        return loss, {k: v.item() for k, v in parts.items()}
+
+    def validate(self, module: nn.Module) -> dict[str, float]:
+        """Mean validation loss; the emulator answers nothing on its own, so ``accuracy`` is 0."""
+        device = next(module.parameters()).device
+        total, n = 0.0, 0
+        for chunk in chunks(self.valid_items, self.cfg.eval_batch_size):
+            loss, _ = module(to_device(paired_batch(chunk, self.layout.pad_id), device))
+            total, n = total + loss.item() * len(chunk), n + len(chunk)
+        return {"loss": total / n, "accuracy": 0.0}
+
+    def save(self, module: nn.Module, path: Path) -> None:
+        module.emulator.save_pretrained(path, self.tokenizer, {"teacher_states": self.config.kd.subset}, self.config)
+
+
+def build(config: IcotConfig, teacher_dir: str) -> EmulatorStage:
+    """The emulator stage of ``config`` (section ``emulator``), distilling from ``teacher_dir``."""
+    return EmulatorStage(config, teacher_dir)

@@ -1,0 +1,100 @@
+"""The frozen teacher that the student and emulator stages distil from, and their paired batches.
+
+Each training item pairs the explicit layout (what the teacher reads) with the no-CoT layout of the
+same example (what the student and emulator read; they never see a CoT token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from icot.config import IcotConfig, KDConfig, TrainConfig
+from icot.data import Example
+from icot.errors import CheckpointError
+from icot.models.lm import load_lm_dir
+from icot.models.teacher_states import extract_teacher_states, teacher_positions
+from icot.tokenizer import Encoded, Layout
+from icot.training.causal_lm import check_fits, lm_batch, load_split, starting_lm
+from icot.training.loop import model_path
+
+
+@dataclass
+class PairedItem:
+    """One example in both layouts."""
+
+    explicit: Encoded
+    nocot: Encoded
+
+
+def paired_items(layout: Layout, examples: Sequence[Example], path: str) -> list[PairedItem]:
+    """Encode examples in the explicit and the no-CoT layout."""
+    explicit = layout.encode_all(examples, True, path)
+    nocot = layout.encode_all(examples, False, path)
+    return [PairedItem(e, n) for e, n in zip(explicit, nocot)]
+
+
+def paired_batch(items: Sequence[PairedItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """``teacher_*`` tensors of the explicit layout and the student's no-CoT tensors."""
+    teacher = lm_batch([it.explicit for it in items], pad_id)
+    student = lm_batch([it.nocot for it in items], pad_id)
+    return {**{f"teacher_{k}": v for k, v in teacher.items()}, **student}
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher LM in eval mode with no gradients, giving the states to distil.
+
+    It is an ``nn.Module`` so that it moves with the stage's module, but its parameters never
+    require grad, so the training loop never hands them to the optimizer.
+    """
+
+    def __init__(self, stage_dir: str, kd: KDConfig):
+        super().__init__()
+        self.lm, self.tokenizer, self.meta = load_lm_dir(model_path(stage_dir))
+        self.lm.eval()
+        self.lm.requires_grad_(False)
+        self.kd = kd
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        # The teacher stays in eval mode (no dropout) whatever the stage module is switched to.
+        return super().train(False)
+
+    @torch.no_grad()
+    def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher states ``z`` (B, L, H) and the positions ``t_l`` they were read at (B, L)."""
+        out = self.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                      output_hidden_states=True)
+        s1, s2 = batch["teacher_s1"], batch["teacher_s2"]
+        z = extract_teacher_states(out.hidden_states, s1, s2, self.kd.subset, self.kd.delta_value)
+        _, positions = teacher_positions(s1, s2, len(out.hidden_states) - 1, self.kd.subset, self.kd.delta_value)
+        return z, positions
+
+
+def kd_data(config: IcotConfig, layout: Layout, lm: nn.Module) -> tuple[list[PairedItem], list[Example], list[PairedItem]]:
+    """Training items, validation examples and validation items for a distillation stage."""
+    train = load_split(config, "train")
+    items = paired_items(layout, train, config.data.train)
+    check_fits([it.explicit for it in items], lm, config.data.train)
+    valid = load_split(config, "valid")
+    return items, valid, paired_items(layout, valid, config.data.valid)
+
+
+def kd_start(config: IcotConfig, train_cfg: TrainConfig, teacher_dir: str
+             ) -> tuple[FrozenTeacher, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen teacher, and the LM a student or emulator starts from, with its tokenizer.
+
+    The start is the stage's ``init_from`` when set, else the teacher's weights (``kd.init_from_teacher``),
+    else the base model of the ``model`` section.
+    """
+    teacher = FrozenTeacher(teacher_dir, config.kd)
+    init = train_cfg.init_from or (teacher_dir if config.kd.init_from_teacher else "")
+    lm, tokenizer = starting_lm(config, [] if init else load_split(config, "train"), init)
+    if len(tokenizer) != len(teacher.tokenizer) or tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise CheckpointError("the teacher's vocabulary differs from the model this stage starts from "
+                              "(field tokenizer)", teacher_dir)
+    return teacher, lm, tokenizer

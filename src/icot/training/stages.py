@@ -1,0 +1,47 @@
+"""Stage registry: build a stage by name and run it on the shared loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from icot.config import IcotConfig
+from icot.errors import ConfigError
+from icot.training.loop import Stage, train_stage
+
+
+def _need(value: str, flag: str, stage: str) -> str:
+    if not value:
+        raise ConfigError(f"stage '{stage}' needs --{flag} DIR")
+    return value
+
+
+def build(name: str, config: IcotConfig, teacher: str = "", student: str = "", emulator: str = "") -> Stage:
+    """The stage called ``name``, wired to the stage directories it depends on."""
+    if name == "teacher":
+        from icot.training import teacher as mod
+
+        return mod.build(config)
+    if name == "nocot":
+        from icot.training import nocot as mod
+
+        return mod.build(config)
+    if name == "student":
+        from icot.training import student as mod
+
+        return mod.build(config, _need(teacher, "teacher", name))
+    if name == "emulator":
+        from icot.training import emulator as mod
+
+        return mod.build(config, _need(teacher, "teacher", name))
+    if name == "couple":
+        from icot.training import couple as mod
+
+        return mod.build(config, _need(student, "student", name), _need(emulator, "emulator", name))
+    raise ConfigError(f"unknown stage '{name}'")
+
+
+def run(name: str, config: IcotConfig, out_dir: str | Path, progress: bool = True, **deps: str) -> dict[str, Any]:
+    """Build and train stage ``name``; its output goes to ``out_dir``."""
+    stage = build(name, config, **deps)
+    return train_stage(stage, getattr(config, name), out_dir, config, progress=progress)

@@ -1,0 +1,104 @@
+"""Shared tiny fixtures: 2x2 multiplication files, a tiny config, and tiny trained stages.
+
+Everything is sized to run in seconds on two shared CPU cores: GPT-2 with 2 layers, 32 dims and
+2 heads, a few hundred training lines, 20 optimizer steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from icot.config import IcotConfig, load_config
+from icot.data import parse_line
+from icot.data.multiplication import generate_examples
+
+# Two shared cores and a background job: one intra-op thread keeps timings stable and fair.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+N_TRAIN = 320
+N_VALID = 40
+
+TRAIN_SECTION = {
+    "batch_size": 16,
+    "lr": 1e-3,
+    "max_steps": 20,
+    "eval_every": 10,
+    "eval_examples": 20,
+    "eval_batch_size": 20,
+    "log_every": 5,
+}
+
+TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
+
+
+def write_mult_files(directory: Path) -> tuple[Path, Path]:
+    """A 2x2 validation file and a training file (another seed) that excludes its inputs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    valid_lines = generate_examples(2, 2, N_VALID, seed=1)
+    valid_inputs = [parse_line(line).input for line in valid_lines]
+    train_lines = generate_examples(2, 2, N_TRAIN, seed=2, exclude=valid_inputs)
+    train, valid = directory / "train.txt", directory / "valid.txt"
+    train.write_text("".join(line + "\n" for line in train_lines), encoding="utf-8")
+    valid.write_text("".join(line + "\n" for line in valid_lines), encoding="utf-8")
+    return train, valid
+
+
+def tiny_overrides(train: Path, valid: Path) -> dict:
+    return {
+        "data": {"train": str(train), "valid": str(valid), "test": str(valid)},
+        "model": dict(TINY_MODEL),
+        "teacher": dict(TRAIN_SECTION),
+        "nocot": dict(TRAIN_SECTION),
+        "eval": {"batched_size": 0, "max_new_tokens": 32},
+    }
+
+
+@pytest.fixture
+def mult_files(tmp_path) -> tuple[Path, Path]:
+    """``(train, valid)``: 320 and 40 distinct 2x2 lines; no valid INPUT occurs in train."""
+    return write_mult_files(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_config(mult_files) -> IcotConfig:
+    """A tiny run config pointing at ``mult_files`` (test = valid)."""
+    return load_config(None, tiny_overrides(*mult_files))
+
+
+@pytest.fixture(scope="session")
+def session_data(tmp_path_factory) -> tuple[Path, Path]:
+    return write_mult_files(tmp_path_factory.mktemp("session_data"))
+
+
+@pytest.fixture(scope="session")
+def session_config(session_data) -> IcotConfig:
+    """Like ``tiny_config``, but 200 steps at a higher rate: the models' outputs depend on their input."""
+    overrides = tiny_overrides(*session_data)
+    for section in ("teacher", "nocot"):
+        overrides[section].update(max_steps=200, lr=3e-3, eval_every=100, epochs=100.0)
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(session_config, tmp_path_factory) -> Path:
+    """A teacher stage directory trained for 200 steps (shared by the tests that only read it)."""
+    from icot.training import stages
+
+    out = tmp_path_factory.mktemp("teacher")
+    stages.run("teacher", session_config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_nocot(session_config, tmp_path_factory) -> Path:
+    """A no-CoT stage directory trained for 200 steps."""
+    from icot.training import stages
+
+    out = tmp_path_factory.mktemp("nocot")
+    stages.run("nocot", session_config, out, progress=False)
+    return out

@@ -1,0 +1,190 @@
+"""Tests of the command line (icot.cli.main): data, train, eval, predict, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from icot.cli import main
+from icot.config import load_config, save_config
+from icot.data import read_examples, read_inputs
+from icot.evaluation import load_predictor
+from icot.models.lm import read_meta
+from icot.training.loop import stage_is_done
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("icot: error:")]
+
+
+@pytest.fixture
+def config_file(tiny_config, tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    save_config(tiny_config, path)
+    return path
+
+
+@pytest.fixture
+def bad_data(tmp_path, mult_files) -> Path:
+    """A data file whose line 2 has no '||'."""
+    lines = mult_files[1].read_text(encoding="utf-8").splitlines()[:3]
+    lines[1] = lines[1].replace("||", " ")
+    path = tmp_path / "bad.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_data_mult(mult_files, tmp_path, capsys):
+    _, valid = mult_files
+    out = tmp_path / "gen" / "train.txt"
+    assert main(["data", "mult", "--digits", "2", "--count", "50", "--seed", "5", "--out", str(out),
+                 "--exclude", str(valid)]) == 0
+    examples = read_examples(out)
+    assert len(examples) == 50
+    assert len({ex.input for ex in examples}) == 50
+    assert not {ex.input for ex in examples} & read_inputs(valid)
+    assert all(len(ex.input.split()) == 5 and len(ex.answer.split()) == 4 for ex in examples)
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 50 and stats["path"] == str(out)
+    assert stats["excluded_inputs"] == len(read_inputs(valid))
+
+
+def test_data_mult_other_width(tmp_path, capsys):
+    out = tmp_path / "t.txt"
+    assert main(["data", "mult", "--digits", "3", "--digits-b", "2", "--count", "7", "--out", str(out)]) == 0
+    examples = read_examples(out)
+    assert len(examples) == 7
+    assert all(len(ex.input.split()) == 3 + 1 + 2 and len(ex.answer.split()) == 5 for ex in examples)
+
+
+def test_data_gsm8k(tmp_path, capsys):
+    original = tmp_path / "orig.txt"
+    original.write_text(
+        "Tom has 3 apples and buys 4 more. How many?||He has 3+4=<<3+4=7>>7 apples. #### 7\n"
+        "A box holds 6 eggs. How many in 5 boxes?||6*5=<<6*5=30>>30 eggs, then 30-2=<<30-2=28>>28. #### 28\n"
+        "What is one and one?||It is two. #### 2\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "gsm.txt"
+    assert main(["data", "gsm8k", "--in", str(original), "--out", str(out)]) == 0
+    examples = read_examples(out)
+    assert [ex.cot for ex in examples] == ["<<3+4=7>>", "<<6*5=30>> <<30-2=28>>"]
+    assert [ex.answer for ex in examples] == ["7", "28"]
+    assert examples[0].input == "Tom has 3 apples and buys 4 more. How many?"
+    summary = capsys.readouterr().out
+    assert "wrote 2 of 3" in summary and "line 3" in summary
+
+
+def test_train_eval_predict(config_file, tiny_config, tmp_path, capsys):
+    out = tmp_path / "teacher"
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out),
+                 "--teacher.max_steps", "4", "--teacher.eval_every=2", "--teacher.lr", "2e-3",
+                 "--teacher.log-every", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 4 and result["examples"] == 4 * tiny_config.teacher.batch_size
+    assert stage_is_done(out) and read_meta(out)["stage"] == "teacher"
+    saved = load_config(out / "config.yaml")
+    assert (saved.teacher.max_steps, saved.teacher.eval_every, saved.teacher.log_every) == (4, 2, 1)
+    assert saved.teacher.lr == pytest.approx(2e-3)
+    assert saved.data == tiny_config.data and saved.model == tiny_config.model
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["step"] for m in metrics if m["event"] == "train"] == [1, 2, 3, 4]
+
+    valid = tiny_config.data.valid
+    report = tmp_path / "reports" / "eval.json"
+    assert main(["eval", "--model", str(out), "--data", valid, "--limit", "5", "--batch-size", "2",
+                 "--max-new-tokens", "20", "--json", str(report)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(report.read_text(encoding="utf-8"))
+    assert printed == written
+    assert written["n"] == 5 and written["batch_size"] == 2
+    assert 0.0 <= written["accuracy"] <= 1.0 and written["examples_per_second"] > 0
+    assert written["accuracy"] == pytest.approx(written["correct"] / 5)
+    assert (written["model"], written["data"]) == (str(out), valid)
+
+    inputs = [ex.input for ex in read_examples(valid)[:2]]
+    expected = load_predictor(str(out), max_new_tokens=20).predict(inputs)
+    assert main(["predict", "--model", str(out), "--max-new-tokens", "20", inputs[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want = ([f"cot: {expected[0].cot}"] if expected[0].cot else []) + [f"answer: {expected[0].answer}"]
+    assert lines == want
+    assert main(["predict", "--model", str(out), "--max-new-tokens", "20", *inputs]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("cot: ")]
+    assert lines == [f"{x} => {p.answer}" for x, p in zip(inputs, expected)]
+
+
+def test_malformed_train_file_is_one_line_error(config_file, bad_data, tmp_path, capsys):
+    code = main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
+                 "--data.train", str(bad_data)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icot: error: ")
+    assert f"{bad_data}:2:" in lines[0] and "'||'" in lines[0]
+    assert not stage_is_done(tmp_path / "t")
+
+
+def test_malformed_exclude_file_is_one_line_error(bad_data, tmp_path, capsys):
+    code = main(["data", "mult", "--digits", "2", "--count", "5", "--out", str(tmp_path / "x.txt"),
+                 "--exclude", str(bad_data)])
+    assert code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"{bad_data}:2:" in lines[0]
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_malformed_eval_file_is_one_line_error(trained_nocot, bad_data, capsys):
+    code = main(["eval", "--model", str(trained_nocot), "--data", str(bad_data)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = _error_lines(captured.err)
+    assert len(errors) == 1 and f"{bad_data}:2:" in errors[0]
+    assert captured.err.rstrip("\n").endswith(errors[0])
+
+
+def test_missing_data_file_is_an_error(trained_nocot, tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert main(["eval", "--model", str(trained_nocot), "--data", str(missing)]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and str(missing) in errors[0]
+
+
+def test_unknown_config_field_flag(config_file, tmp_path, capsys):
+    code = main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
+                 "--teacher.lrr", "1e-3"])
+    assert code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "'teacher.lrr'" in lines[0]
+    assert not (tmp_path / "t").exists()
+
+
+def test_unknown_config_field_in_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layers: 2\n", encoding="utf-8")
+    assert main(["train", "nocot", "--config", str(path), "--out", str(tmp_path / "t")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "'model.n_layers'" in lines[0] and str(path) in lines[0]
+
+
+def test_wrong_type_override(config_file, tmp_path, capsys):
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
+                 "--model.n_layer", "two"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "'model.n_layer'" in lines[0]
+
+
+def test_stage_needing_a_teacher_says_so(config_file, tmp_path, capsys):
+    assert main(["train", "student", "--config", str(config_file), "--out", str(tmp_path / "s")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--teacher" in lines[0]
+
+
+def test_extra_arguments_are_refused_outside_train(trained_nocot, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", str(trained_nocot), "--data", "x.txt", "--teacher.lr", "1"])
+    assert info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

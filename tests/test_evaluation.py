@@ -1,0 +1,187 @@
+"""Tests of icot.evaluation: stopping, padding, batched greedy decoding and exact-match accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icot.data import Example, read_examples
+from icot.errors import CheckpointError
+from icot.evaluation import (
+    LMPredictor,
+    Prediction,
+    StopAfterEos,
+    evaluate,
+    greedy_generate,
+    left_pad,
+    load_predictor,
+    predict_all,
+)
+from icot.models.lm import load_lm_dir
+from icot.tokenizer import Layout
+
+EOS = 0
+
+
+def test_stop_after_eos_is_per_row():
+    prompt = torch.tensor([[5, EOS, 6]] * 4)  # the prompt's own <sep> must not count
+    generated = torch.tensor([
+        [7, 8, 9, 7],  # no eos
+        [7, EOS, 9, 7],  # one
+        [EOS, 8, EOS, 7],  # two
+        [EOS, EOS, EOS, 7],  # three
+    ])
+    ids = torch.cat([prompt, generated], dim=1)
+    scores = torch.zeros(4, 10)
+    assert StopAfterEos(EOS, 1, prompt_length=3)(ids, scores).tolist() == [False, True, True, True]
+    assert StopAfterEos(EOS, 2, prompt_length=3)(ids, scores).tolist() == [False, False, True, True]
+    assert StopAfterEos(EOS, 3, prompt_length=3)(ids, scores).tolist() == [False, False, False, True]
+    # Before anything is generated, no row is done.
+    assert not StopAfterEos(EOS, 1, prompt_length=3)(prompt, scores).any()
+
+
+def test_left_pad():
+    prompts = [[3, 4, 5], [6], [7, 8]]
+    ids, mask = left_pad(prompts, pad_id=1)
+    assert ids.tolist() == [[3, 4, 5], [1, 1, 6], [1, 7, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    for row, p in zip(ids, prompts):
+        assert row[-len(p):].tolist() == p  # every prompt ends at the last column
+
+
+def _inputs(config, n=20) -> list[Example]:
+    return read_examples(config.data.valid)[:n]
+
+
+@pytest.fixture(scope="module")
+def predictors(trained_teacher, trained_nocot):
+    return {"teacher": load_predictor(str(trained_teacher), max_new_tokens=24),
+            "nocot": load_predictor(str(trained_nocot), max_new_tokens=24)}
+
+
+@pytest.mark.parametrize("name", ["teacher", "nocot"])
+def test_batched_predictions_equal_batch_one(predictors, session_config, name):
+    predictor = predictors[name]
+    inputs = [ex.input for ex in _inputs(session_config)]
+    one = predict_all(predictor, inputs, batch_size=1)
+    seven = predict_all(predictor, inputs, batch_size=7)  # 7 + 7 + 6: uneven batches
+    assert len(one) == len(seven) == 20
+    assert seven == one
+    # Not a vacuous comparison: the model's output depends on its input.
+    texts = {(p.cot, p.answer) for p in one}
+    assert len(texts) > 1
+    if name == "nocot":
+        assert all(p.cot == "" for p in one)
+    else:
+        assert all(p.cot for p in one)
+
+
+_GENERATE_BUG = (
+    "BUG: src/icot/evaluation.py:72-75 greedy_generate passes GenerationConfig(eos_token_id=None), but "
+    "transformers 5 fills None fields from model.generation_config (eos_token_id = <|endoftext|>, copied "
+    "from the GPT2Config built in models/lm.py), so generation stops at the first <sep>: the explicit-CoT "
+    "teacher never writes its ANSWER and always scores 0% exact match")
+
+
+@pytest.mark.parametrize("n_eos", [1, pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=_GENERATE_BUG))])
+def test_greedy_generate_stops_only_after_n_eos(trained_teacher, session_config, n_eos):
+    model, tokenizer, _ = load_lm_dir(trained_teacher / "best")
+    model.eval()
+    layout = Layout(tokenizer)
+    budget = 30
+    ids, mask = left_pad([layout.prompt_ids(ex.input) for ex in _inputs(session_config, 8)], layout.pad_id)
+    with torch.no_grad():
+        new = greedy_generate(model, ids, mask, layout, n_eos, budget)
+    # Decoding ends when every row has produced n_eos end-of-text tokens, or at the budget.
+    every_row_done = all(int((row == layout.eos_id).sum()) >= n_eos for row in new)
+    assert every_row_done or new.shape[1] == budget
+    # The longest row is the one that finished last: some row ends exactly at its n-th eos.
+    if new.shape[1] < budget:
+        last = [int(torch.nonzero(row == layout.eos_id)[n_eos - 1]) for row in new]
+        assert max(last) == new.shape[1] - 1
+
+
+class _PartlyRight:
+    """A predictor that answers every third example right (and the rest wrong or with extra spaces)."""
+
+    def __init__(self, layout=None):
+        self.layout = layout
+        self.seen: list[str] = []
+
+    def predict(self, inputs):
+        answers = []
+        for x in inputs:
+            i = len(self.seen)
+            self.seen.append(x)
+            truth = self.truth[x]
+            if i % 3 == 0:
+                answers.append(Prediction("", "  " + truth.replace(" ", "  ") + " "))  # spacing is not an error
+            elif i % 3 == 1:
+                answers.append(Prediction("", truth + " 0"))
+            else:
+                answers.append(Prediction("some cot", ""))
+        return answers
+
+
+def test_evaluate_counts_exact_matches(session_config):
+    examples = read_examples(session_config.data.valid)
+    predictor = _PartlyRight()
+    predictor.truth = {ex.input: ex.answer for ex in examples}
+    result = evaluate(predictor, examples, batch_size=4, progress=False, warmup=False)
+    right = sum(1 for i in range(len(examples)) if i % 3 == 0)
+    assert result["n"] == len(examples) and result["correct"] == right
+    assert result["accuracy"] == pytest.approx(right / len(examples))
+    assert result["batch_size"] == 4 and result["examples_per_second"] > 0
+    assert predictor.seen == [ex.input for ex in examples]  # each input once, in order, no CoT given
+
+    limited = evaluate(_with_truth(examples), examples, batch_size=3, limit=7, progress=False, warmup=False)
+    assert limited["n"] == 7 and limited["correct"] == sum(1 for i in range(7) if i % 3 == 0)
+
+
+def _with_truth(examples):
+    p = _PartlyRight()
+    p.truth = {ex.input: ex.answer for ex in examples}
+    return p
+
+
+def test_evaluate_refuses_no_examples():
+    with pytest.raises(ValueError):
+        evaluate(_PartlyRight(), [], progress=False)
+
+
+@pytest.mark.parametrize("name", ["teacher", "nocot"])
+def test_evaluate_on_trained_model(predictors, session_config, name):
+    predictor = predictors[name]
+    examples = _inputs(session_config)
+    result = evaluate(predictor, examples, batch_size=5, progress=False)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == len(examples) and result["examples_per_second"] > 0 and result["seconds"] > 0
+    preds = predict_all(predictor, [ex.input for ex in examples], batch_size=1)
+    hand = sum(p.answer.split() == ex.answer.split() for p, ex in zip(preds, examples))
+    assert result["correct"] == hand
+    assert result["accuracy"] == pytest.approx(hand / len(examples))
+
+
+def test_load_predictor_on_stage_and_model_dirs(trained_teacher, trained_nocot, session_config):
+    inputs = [ex.input for ex in _inputs(session_config, 6)]
+    for stage_dir, with_cot in ((trained_teacher, True), (trained_nocot, False)):
+        from_stage = load_predictor(str(stage_dir), max_new_tokens=20)
+        from_model = load_predictor(str(stage_dir / "best"), max_new_tokens=20)
+        assert isinstance(from_stage, LMPredictor)
+        assert from_stage.with_cot is with_cot and from_stage.max_new_tokens == 20
+        assert not from_stage.model.training
+        model, tokenizer, _ = load_lm_dir(stage_dir / "best")
+        model.eval()
+        direct = LMPredictor(model, Layout(tokenizer), with_cot, max_new_tokens=20)
+        assert from_stage.predict(inputs) == from_model.predict(inputs) == direct.predict(inputs)
+
+
+def test_load_predictor_refuses_other_kinds(tmp_path):
+    (tmp_path / "icot.json").write_text(json.dumps({"kind": "emulator"}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="'emulator'"):
+        load_predictor(str(tmp_path))
+    with pytest.raises(CheckpointError):
+        load_predictor(str(tmp_path / "nothing"))

@@ -1,0 +1,308 @@
+"""Tests of the shared training loop and the teacher / no-CoT stages on tiny 2x2 multiplication."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from icot.config import load_config
+from icot.data import parse_line
+from icot.data.multiplication import generate_examples
+from icot.models.lm import load_lm_dir, read_meta
+from icot.tokenizer import IGNORE_INDEX, Layout, build_word_tokenizer
+from icot.training import stages
+from icot.training.causal_lm import lm_batch
+from icot.training.loop import Stage, model_path, stage_is_done, train_stage
+
+
+def _events(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == kind]
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _valid_ids(stage) -> torch.Tensor:
+    return lm_batch(stage.valid_items[:8], stage.layout.pad_id)["input_ids"]
+
+
+def _with_snapshots(stage) -> list[dict]:
+    """Record the stage's parameters at every validation (in order)."""
+    snapshots: list[dict] = []
+    validate = stage.validate
+
+    def recording(module):
+        snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return validate(module)
+
+    stage.validate = recording
+    return snapshots
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher stage end to end
+
+
+def test_teacher_stage_run_trains_logs_and_finishes(tiny_config, tmp_path):
+    out = tmp_path / "teacher"
+    torch.manual_seed(tiny_config.teacher.seed)
+    initial = stages.build("teacher", tiny_config).module  # the same draw stages.run makes
+    assert not stage_is_done(out)
+
+    torch.manual_seed(tiny_config.teacher.seed)
+    result = stages.run("teacher", tiny_config, out, progress=False)
+    cfg = tiny_config.teacher
+
+    assert result["steps"] == cfg.max_steps
+    assert result["examples"] == cfg.max_steps * cfg.batch_size
+    assert stage_is_done(out)
+    meta = read_meta(out)
+    assert (meta["kind"], meta["stage"], meta["status"], meta["model"]) == ("stage", "teacher", "done", "best")
+    assert meta["steps"] == cfg.max_steps and meta["best"] == result["best"]
+    assert load_config(out / "config.yaml") == tiny_config
+
+    train = _events(out, "train")
+    assert [e["step"] for e in train] == list(range(cfg.log_every, cfg.max_steps + 1, cfg.log_every))
+    assert all(e["loss"] > 0 and e["lr"] == pytest.approx(cfg.lr) for e in train)
+    validate = _events(out, "validate")
+    assert [e["step"] for e in validate] == list(range(cfg.eval_every, cfg.max_steps + 1, cfg.eval_every))
+    for e in validate:
+        assert 0.0 <= e["val_accuracy"] <= 1.0 and e["val_loss"] > 0
+
+    # The saved model is the trained one: its weights moved away from the initial model's.
+    best, tokenizer, best_meta = load_lm_dir(model_path(out))
+    assert model_path(out) == out / "best"
+    assert best_meta["layout"] == "explicit"
+    initial_state = initial.state_dict()
+    changed = [k for k, v in best.state_dict().items() if not torch.equal(v, initial_state[k])]
+    assert "transformer.wte.weight" in changed and len(changed) >= len(initial_state) // 2
+    # ...and it learned something: a validation loss below uniform guessing over the vocabulary.
+    assert result["best"]["loss"] < torch.log(torch.tensor(float(len(tokenizer)))).item()
+
+
+def test_best_checkpoint_is_the_best_validated_model(tiny_config, tmp_path):
+    out = tmp_path / "teacher"
+    stage = stages.build("teacher", tiny_config)
+    initial = copy.deepcopy(stage.module.state_dict())
+    snapshots = _with_snapshots(stage)
+    result = train_stage(stage, tiny_config.teacher, out, tiny_config, progress=False)
+
+    validate = _events(out, "validate")
+    assert len(validate) == len(snapshots) == 2
+    # Keep-best: the kept step has the highest (accuracy, -loss) of all validations.
+    scores = [(e["val_accuracy"], -e["val_loss"]) for e in validate]
+    kept = max(range(len(scores)), key=lambda i: scores[i])
+    assert result["best"]["step"] == validate[kept]["step"]
+    assert validate[0]["improved"] is True
+    assert [e["improved"] for e in validate][1] == (scores[1] > scores[0])
+
+    ids = _valid_ids(stage)
+    reloaded, _, _ = load_lm_dir(out / "best")
+    reference = copy.deepcopy(stage.module)
+    reference.load_state_dict(snapshots[kept])
+    assert torch.equal(_logits(reloaded, ids), _logits(reference, ids))
+    # Reloading is deterministic, and the last step's model is what the stage holds in memory.
+    again, _, _ = load_lm_dir(out / "best")
+    assert torch.equal(_logits(again, ids), _logits(reloaded, ids))
+    if kept == len(snapshots) - 1:
+        assert torch.equal(_logits(stage.module, ids), _logits(reloaded, ids))
+    # Training changed the parameters between the start and each validation.
+    assert not torch.equal(snapshots[0]["transformer.wte.weight"], initial["transformer.wte.weight"])
+    assert not torch.equal(snapshots[1]["transformer.wte.weight"], snapshots[0]["transformer.wte.weight"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: TrainConfig.seed is documented as the seed of initialisation, but the model is built in "
+    "CausalLMStage.__init__ (src/icot/training/causal_lm.py, starting_lm -> build_gpt2) before "
+    "train_stage calls set_seed(cfg.seed) (src/icot/training/loop.py), so a from-scratch model's "
+    "initial weights depend on whatever the global RNG state was"))
+def test_same_seed_same_result(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, max_steps=3,
+                                                                          eval_every=0))
+    torch.manual_seed(1234)
+    first = stages.run("teacher", config, tmp_path / "a", progress=False)
+    torch.manual_seed(5678)  # e.g. another stage ran before in the same process
+    second = stages.run("teacher", config, tmp_path / "b", progress=False)
+    assert first["best"]["loss"] == second["best"]["loss"]
+    a, _, _ = load_lm_dir(tmp_path / "a" / "best")
+    b, _, _ = load_lm_dir(tmp_path / "b" / "best")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_stage_is_done(tmp_path):
+    assert not stage_is_done(tmp_path / "missing")
+    assert not stage_is_done(tmp_path)  # no icot.json
+    (tmp_path / "icot.json").write_text(json.dumps({"kind": "stage", "status": "running"}), encoding="utf-8")
+    assert not stage_is_done(tmp_path)
+    (tmp_path / "icot.json").write_text(json.dumps({"kind": "lm", "status": "done"}), encoding="utf-8")
+    assert not stage_is_done(tmp_path)
+    (tmp_path / "icot.json").write_text("{broken", encoding="utf-8")
+    assert not stage_is_done(tmp_path)
+    (tmp_path / "icot.json").write_text(json.dumps({"kind": "stage", "status": "done"}), encoding="utf-8")
+    assert stage_is_done(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# No-CoT stage: labels
+
+
+def test_nocot_stage_layout_and_labels(tiny_config):
+    stage = stages.build("nocot", tiny_config)
+    assert stage.with_cot is False and stage.meta["layout"] == "nocot"
+    assert all(e.s2 == -1 and e.answer_start == e.s1 + 1 for e in stage.train_items)
+    # No CoT symbol reaches the no-CoT model: the sequence is INPUT <sep> ANSWER <eos>.
+    assert all(len(e.ids) == e.s1 + 1 + 4 + 1 for e in stage.train_items)  # 2x2: 4 answer digits
+    batch = stage.collate(stage.train_items[:5])
+    ids, labels = batch["input_ids"], batch["labels"]
+    for row, e in enumerate(stage.train_items[:5]):
+        assert (labels[row, : e.s1 + 1] == IGNORE_INDEX).all()
+        assert torch.equal(labels[row, e.s1 + 1:], ids[row, e.s1 + 1:])
+        assert batch["s1"][row] == e.s1
+
+
+def test_lm_batch_masks_prompt_and_padding():
+    examples = [parse_line(x) for x in generate_examples(2, 2, 2, seed=0) + generate_examples(3, 2, 2, seed=0)]
+    layout = Layout(build_word_tokenizer(examples))
+    for with_cot in (False, True):
+        items = [layout.encode(ex, with_cot) for ex in examples]
+        assert len({len(e.ids) for e in items}) == 2  # two lengths: right padding is needed
+        batch = lm_batch(items, layout.pad_id)
+        width = max(len(e.ids) for e in items)
+        assert batch["input_ids"].shape == batch["labels"].shape == (len(items), width)
+        for row, e in enumerate(items):
+            n = len(e.ids)
+            assert batch["input_ids"][row, :n].tolist() == e.ids
+            assert (batch["input_ids"][row, n:] == layout.pad_id).all()
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+            expected = [IGNORE_INDEX] * (e.s1 + 1) + e.ids[e.s1 + 1:] + [IGNORE_INDEX] * (width - n)
+            assert batch["labels"][row].tolist() == expected
+            assert (batch["s1"][row], batch["s2"][row]) == (e.s1, e.s2)
+
+
+def test_nocot_stage_trains(tiny_config, tmp_path):
+    out = tmp_path / "nocot"
+    result = stages.run("nocot", tiny_config, out, progress=False)
+    assert stage_is_done(out) and read_meta(out)["stage"] == "nocot"
+    model, _, meta = load_lm_dir(model_path(out))
+    assert meta["layout"] == "nocot"
+    assert result["steps"] == tiny_config.nocot.max_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop itself, on a toy stage
+
+
+class ToyStage(Stage):
+    """Next-symbol classification with an embedding and a linear head; every hook is observable."""
+
+    name = "toy"
+
+    def __init__(self, n: int = 64, sleep: float = 0.0, fail_at_call: int = 0):
+        torch.manual_seed(0)
+        self.module = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 10, (n,), generator=g)
+        self.train_items = [(int(a), int((a + 3) % 10)) for a in x]
+        self.sleep, self.fail_at_call, self.calls = sleep, fail_at_call, 0
+
+    def collate(self, items):
+        return {"x": torch.tensor([a for a, _ in items]), "y": torch.tensor([b for _, b in items])}
+
+    def loss(self, module, batch):
+        self.calls += 1
+        if self.fail_at_call and self.calls >= self.fail_at_call:
+            raise RuntimeError("killed")
+        if self.sleep:
+            time.sleep(self.sleep)
+        return nn.functional.cross_entropy(module(batch["x"]), batch["y"]), {"calls": float(self.calls)}
+
+    def validate(self, module):
+        x = torch.arange(10)
+        logits = module(x)
+        return {"loss": nn.functional.cross_entropy(logits, (x + 3) % 10).item(),
+                "accuracy": (logits.argmax(-1) == (x + 3) % 10).float().mean().item()}
+
+    def save(self, module, path):
+        torch.save(module.state_dict(), path / "weights.pt")
+
+
+def _toy_cfg(tiny_config, **changes):
+    return dataclasses.replace(tiny_config.teacher, **{"batch_size": 8, "lr": 0.05, "max_steps": 12,
+                                                      "eval_every": 4, "log_every": 2, "epochs": 100.0,
+                                                      **changes})
+
+
+def test_frozen_parameter_does_not_change(tiny_config, tmp_path):
+    stage = ToyStage()
+    embedding, head = stage.module[0], stage.module[1]
+    embedding.weight.requires_grad_(False)
+    frozen = embedding.weight.detach().clone()
+    head_before = head.weight.detach().clone()
+    # Weight decay would move a frozen parameter if it were handed to AdamW.
+    result = train_stage(stage, _toy_cfg(tiny_config, weight_decay=0.5), tmp_path, tiny_config, progress=False)
+    assert result["steps"] == 12
+    assert torch.equal(embedding.weight, frozen)
+    assert not torch.equal(head.weight, head_before)
+    saved = torch.load(tmp_path / "best" / "weights.pt")
+    assert torch.equal(saved["0.weight"], frozen)
+    # The extra scalars of `loss` are logged with the training loss.
+    assert all("calls" in e for e in _events(tmp_path, "train"))
+
+
+def test_grad_accumulation_counts_optimizer_steps(tiny_config, tmp_path):
+    stage = ToyStage(n=64)
+    result = train_stage(stage, _toy_cfg(tiny_config, grad_accum=2, max_steps=6, eval_every=0), tmp_path,
+                         tiny_config, progress=False)
+    assert result["steps"] == 6 and result["examples"] == 6 * 8
+    assert stage.calls == 12  # two micro-batches of 4 per optimizer step
+
+
+def test_epochs_bound_the_steps(tiny_config, tmp_path):
+    stage = ToyStage(n=40)  # 5 batches of 8 per epoch
+    result = train_stage(stage, _toy_cfg(tiny_config, max_steps=0, epochs=2.0, eval_every=0), tmp_path,
+                         tiny_config, progress=False)
+    assert result["steps"] == 10
+
+
+def test_time_budget_stops_early(tiny_config, tmp_path):
+    stage = ToyStage(n=64, sleep=0.05)
+    cfg = _toy_cfg(tiny_config, max_steps=0, epochs=1000.0, max_minutes=0.5 / 60, eval_every=0)
+    start = time.monotonic()
+    result = train_stage(stage, cfg, tmp_path, tiny_config, progress=False)
+    assert time.monotonic() - start < 10
+    assert 1 <= result["steps"] < 1000 * 8
+    assert result["steps"] <= 0.5 / 0.05 + 1
+    # Validation still runs before stopping, and the stage is complete.
+    validate = _events(tmp_path, "validate")
+    assert [e["step"] for e in validate] == [result["steps"]]
+    assert stage_is_done(tmp_path) and (tmp_path / "best" / "weights.pt").is_file()
+
+
+def test_too_few_examples_for_one_batch(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_stage(ToyStage(n=5), _toy_cfg(tiny_config), tmp_path, tiny_config, progress=False)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: src/icot/training/loop.py train_stage rewrites config.yaml and best/ of an existing stage "
+    "directory but leaves its old icot.json ('status: done') until the new run finishes, so a rerun "
+    "that dies midway still reads as done (and pipeline._same_config matches the new config.yaml): "
+    "the half-trained model would be skipped over as finished"))
+def test_interrupted_rerun_is_not_done(tiny_config, tmp_path):
+    train_stage(ToyStage(), _toy_cfg(tiny_config), tmp_path, tiny_config, progress=False)
+    assert stage_is_done(tmp_path)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_stage(ToyStage(fail_at_call=7), _toy_cfg(tiny_config, eval_every=2), tmp_path, tiny_config,
+                    progress=False)
+    assert not stage_is_done(tmp_path)
