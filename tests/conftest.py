@@ -1,7 +1,7 @@
 """Shared tiny fixtures: 2x2 multiplication files, a tiny config, and tiny trained stages.
 
 Everything is sized to run in seconds on two shared CPU cores: GPT-2 with 2 layers, 32 dims and
-2 heads, a few hundred training lines, 20 optimizer steps.
+2 heads, a few hundred training lines, 20 (or, for the shared trained models, 200) optimizer steps.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def trained_teacher(session_config, tmp_path_factory) -> Path:
     from icot.training import stages
 
     out = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
     stages.run("teacher", session_config, out, progress=False)
     return out
 
@@ -100,5 +101,21 @@ def trained_nocot(session_config, tmp_path_factory) -> Path:
     from icot.training import stages
 
     out = tmp_path_factory.mktemp("nocot")
+    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
     stages.run("nocot", session_config, out, progress=False)
     return out
+
+
+def _never_eos(model, token_id: int) -> None:
+    """Make a GPT-2's greedy decoding always pick ``token_id`` (never <eos>), whatever the input."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token_id] = 1.0
+        model.get_output_embeddings().weight[token_id] = 1.0  # the same tensor when tied
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
+
+
+@pytest.fixture
+def never_eos():
+    """``never_eos(model, token_id)``: an untrained-like GPT-2 that rambles and never ends."""
+    return _never_eos

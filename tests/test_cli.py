@@ -188,3 +188,10 @@ def test_extra_arguments_are_refused_outside_train(trained_nocot, capsys):
         main(["eval", "--model", str(trained_nocot), "--data", "x.txt", "--teacher.lr", "1"])
     assert info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_too_little_training_data_is_one_line_error(config_file, tmp_path, capsys):
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
+                 "--data.max_train_examples", "5"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "batch" in lines[0]

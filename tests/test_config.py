@@ -61,9 +61,12 @@ def test_flag_overrides():
 
 
 def test_parse_overrides_builds_nested_dict():
+    # Values stay as typed; load_config gives them their field's type.
     assert parse_overrides(["--teacher.lr", "1e-3", "--data.test=f.txt", "--eval.limit", "5"]) == {
-        "teacher": {"lr": "1e-3"}, "data": {"test": "f.txt"}, "eval": {"limit": 5},
+        "teacher": {"lr": "1e-3"}, "data": {"test": "f.txt"}, "eval": {"limit": "5"},
     }
+    config = load_config(None, ["--teacher.lr", "1e-3", "--data.test=f.txt", "--eval.limit", "5"])
+    assert (config.teacher.lr, config.data.test, config.eval.limit) == (1e-3, "f.txt", 5)
 
 
 def test_overrides_win_over_yaml_file(tmp_path):
@@ -148,10 +151,6 @@ def test_out_of_range_names_field_and_file(tmp_path, yaml_text, field):
     assert str(info.value).startswith(f"{path}: ")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/icot/config.py:148 TrainConfig.__post_init__ checks ranges with section "
-    "type(self).__name__, so an out-of-range training field is reported as 'TrainConfig.lr' "
-    "instead of 'teacher.lr' (IcotConfig.__post_init__'s correctly named check never runs)"))
 @pytest.mark.parametrize(
     ("section", "values", "field"),
     [
@@ -173,10 +172,6 @@ def test_out_of_range_training_field_is_rejected():
             load_config(None, {"teacher": values})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/icot/config.py:347 parse_overrides reads every flag value as YAML, so a string field "
-    "given 'yes' becomes 'True', '010' becomes '8' (octal) and 'null' is refused; string fields "
-    "should keep the raw text"))
 @pytest.mark.parametrize("name", ["yes", "010", "null"])
 def test_string_override_keeps_raw_text(name):
     assert load_config(None, ["--data.test", name]).data.test == name

@@ -79,14 +79,7 @@ def test_batched_predictions_equal_batch_one(predictors, session_config, name):
         assert all(p.cot for p in one)
 
 
-_GENERATE_BUG = (
-    "BUG: src/icot/evaluation.py:72-75 greedy_generate passes GenerationConfig(eos_token_id=None), but "
-    "transformers 5 fills None fields from model.generation_config (eos_token_id = <|endoftext|>, copied "
-    "from the GPT2Config built in models/lm.py), so generation stops at the first <sep>: the explicit-CoT "
-    "teacher never writes its ANSWER and always scores 0% exact match")
-
-
-@pytest.mark.parametrize("n_eos", [1, pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=_GENERATE_BUG))])
+@pytest.mark.parametrize("n_eos", [1, 2])
 def test_greedy_generate_stops_only_after_n_eos(trained_teacher, session_config, n_eos):
     model, tokenizer, _ = load_lm_dir(trained_teacher / "best")
     model.eval()
@@ -105,10 +98,10 @@ def test_greedy_generate_stops_only_after_n_eos(trained_teacher, session_config,
 
 
 class _PartlyRight:
-    """A predictor that answers every third example right (and the rest wrong or with extra spaces)."""
+    """A predictor that answers every third input right (with odd spacing) and the others wrong."""
 
-    def __init__(self, layout=None):
-        self.layout = layout
+    def __init__(self, examples):
+        self.truth = {ex.input: ex.answer for ex in examples}
         self.seen: list[str] = []
 
     def predict(self, inputs):
@@ -128,8 +121,7 @@ class _PartlyRight:
 
 def test_evaluate_counts_exact_matches(session_config):
     examples = read_examples(session_config.data.valid)
-    predictor = _PartlyRight()
-    predictor.truth = {ex.input: ex.answer for ex in examples}
+    predictor = _PartlyRight(examples)
     result = evaluate(predictor, examples, batch_size=4, progress=False, warmup=False)
     right = sum(1 for i in range(len(examples)) if i % 3 == 0)
     assert result["n"] == len(examples) and result["correct"] == right
@@ -137,19 +129,17 @@ def test_evaluate_counts_exact_matches(session_config):
     assert result["batch_size"] == 4 and result["examples_per_second"] > 0
     assert predictor.seen == [ex.input for ex in examples]  # each input once, in order, no CoT given
 
-    limited = evaluate(_with_truth(examples), examples, batch_size=3, limit=7, progress=False, warmup=False)
+    limited = evaluate(_PartlyRight(examples), examples, batch_size=3, limit=7, progress=False, warmup=False)
     assert limited["n"] == 7 and limited["correct"] == sum(1 for i in range(7) if i % 3 == 0)
-
-
-def _with_truth(examples):
-    p = _PartlyRight()
-    p.truth = {ex.input: ex.answer for ex in examples}
-    return p
+    # The warm-up batch is decoded but not counted.
+    warm = _PartlyRight(examples)
+    result = evaluate(warm, examples, batch_size=5, limit=10, progress=False, warmup=True)
+    assert len(warm.seen) == 15 and result["n"] == 10
 
 
 def test_evaluate_refuses_no_examples():
     with pytest.raises(ValueError):
-        evaluate(_PartlyRight(), [], progress=False)
+        evaluate(_PartlyRight([]), [], progress=False)
 
 
 @pytest.mark.parametrize("name", ["teacher", "nocot"])
@@ -185,3 +175,22 @@ def test_load_predictor_refuses_other_kinds(tmp_path):
         load_predictor(str(tmp_path))
     with pytest.raises(CheckpointError):
         load_predictor(str(tmp_path / "nothing"))
+
+
+def test_decoding_stays_within_the_context(session_config, never_eos):
+    from icot.config import ModelConfig
+    from icot.models.lm import build_gpt2
+    from icot.tokenizer import build_word_tokenizer
+
+    examples = _inputs(session_config, 3)
+    tokenizer = build_word_tokenizer(examples)
+    torch.manual_seed(0)
+    model = build_gpt2(ModelConfig(n_layer=1, n_embd=16, n_head=2, n_positions=12), tokenizer).eval()
+    never_eos(model, tokenizer.convert_tokens_to_ids("3"))
+    layout = Layout(tokenizer)
+    prompt = len(layout.prompt_ids(examples[0].input))
+    for with_cot in (True, False):
+        preds = LMPredictor(model, layout, with_cot, max_new_tokens=50).predict([ex.input for ex in examples])
+        for p in preds:
+            text = p.cot if with_cot else p.answer
+            assert text.split() == ["3"] * (12 - prompt)  # it wrote until the context was full

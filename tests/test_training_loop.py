@@ -14,6 +14,7 @@ from torch import nn
 
 from icot.config import load_config
 from icot.data import parse_line
+from icot.errors import ConfigError
 from icot.data.multiplication import generate_examples
 from icot.models.lm import load_lm_dir, read_meta
 from icot.tokenizer import IGNORE_INDEX, Layout, build_word_tokenizer
@@ -122,11 +123,6 @@ def test_best_checkpoint_is_the_best_validated_model(tiny_config, tmp_path):
     assert not torch.equal(snapshots[1]["transformer.wte.weight"], snapshots[0]["transformer.wte.weight"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: TrainConfig.seed is documented as the seed of initialisation, but the model is built in "
-    "CausalLMStage.__init__ (src/icot/training/causal_lm.py, starting_lm -> build_gpt2) before "
-    "train_stage calls set_seed(cfg.seed) (src/icot/training/loop.py), so a from-scratch model's "
-    "initial weights depend on whatever the global RNG state was"))
 def test_same_seed_same_result(tiny_config, tmp_path):
     config = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, max_steps=3,
                                                                           eval_every=0))
@@ -171,6 +167,15 @@ def test_nocot_stage_layout_and_labels(tiny_config):
         assert batch["s1"][row] == e.s1
 
 
+def test_teacher_and_nocot_share_the_vocabulary(tiny_config):
+    teacher, nocot = stages.build("teacher", tiny_config), stages.build("nocot", tiny_config)
+    assert teacher.tokenizer.get_vocab() == nocot.tokenizer.get_vocab()
+    # The same INPUT <sep> prefix for both layouts.
+    for t, n in zip(teacher.train_items[:10], nocot.train_items[:10]):
+        assert t.ids[: t.s1 + 1] == n.ids[: n.s1 + 1]
+        assert t.ids[t.answer_start:] == n.ids[n.answer_start:]
+
+
 def test_lm_batch_masks_prompt_and_padding():
     examples = [parse_line(x) for x in generate_examples(2, 2, 2, seed=0) + generate_examples(3, 2, 2, seed=0)]
     layout = Layout(build_word_tokenizer(examples))
@@ -197,6 +202,29 @@ def test_nocot_stage_trains(tiny_config, tmp_path):
     model, _, meta = load_lm_dir(model_path(out))
     assert meta["layout"] == "nocot"
     assert result["steps"] == tiny_config.nocot.max_steps
+
+
+def test_init_from_starts_from_another_stage(session_config, trained_teacher):
+    config = dataclasses.replace(session_config, nocot=dataclasses.replace(session_config.nocot,
+                                                                           init_from=str(trained_teacher)))
+    stage = stages.build("nocot", config)
+    teacher, tokenizer, _ = load_lm_dir(trained_teacher / "best")
+    assert stage.tokenizer.get_vocab() == tokenizer.get_vocab()
+    ids = _valid_ids(stage)
+    assert torch.equal(_logits(stage.module, ids), _logits(teacher, ids))
+
+
+def test_bpe_teacher_trains_and_reloads(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, tokenizer="bpe",
+                                                                        bpe_vocab_size=300),
+                                 teacher=dataclasses.replace(tiny_config.teacher, max_steps=3, eval_every=0))
+    stage = stages.build("teacher", config)
+    assert stage.layout.unk_id is None and len(stage.tokenizer) <= 300
+    train_stage(stage, config.teacher, tmp_path, config, progress=False)
+    model, tokenizer, _ = load_lm_dir(tmp_path / "best")
+    assert tokenizer.get_vocab() == stage.tokenizer.get_vocab()
+    ids = _valid_ids(stage)
+    assert torch.equal(_logits(model, ids), _logits(stage.module, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,16 +317,21 @@ def test_time_budget_stops_early(tiny_config, tmp_path):
     assert stage_is_done(tmp_path) and (tmp_path / "best" / "weights.pt").is_file()
 
 
+def test_linear_warmup_then_constant(tiny_config, tmp_path):
+    cfg = _toy_cfg(tiny_config, warmup_steps=4, log_every=1, max_steps=8, eval_every=0)
+    train_stage(ToyStage(), cfg, tmp_path, tiny_config, progress=False)
+    lrs = [e["lr"] for e in _events(tmp_path, "train")]
+    assert len(lrs) == 8
+    assert lrs == sorted(lrs) and lrs[0] < cfg.lr
+    assert lrs[-1] == pytest.approx(cfg.lr) and lrs[4] == pytest.approx(cfg.lr)
+    assert lrs[1] - lrs[0] == pytest.approx(cfg.lr / cfg.warmup_steps)  # linear
+
+
 def test_too_few_examples_for_one_batch(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_stage(ToyStage(n=5), _toy_cfg(tiny_config), tmp_path, tiny_config, progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/icot/training/loop.py train_stage rewrites config.yaml and best/ of an existing stage "
-    "directory but leaves its old icot.json ('status: done') until the new run finishes, so a rerun "
-    "that dies midway still reads as done (and pipeline._same_config matches the new config.yaml): "
-    "the half-trained model would be skipped over as finished"))
 def test_interrupted_rerun_is_not_done(tiny_config, tmp_path):
     train_stage(ToyStage(), _toy_cfg(tiny_config), tmp_path, tiny_config, progress=False)
     assert stage_is_done(tmp_path)
@@ -306,3 +339,38 @@ def test_interrupted_rerun_is_not_done(tiny_config, tmp_path):
         train_stage(ToyStage(fail_at_call=7), _toy_cfg(tiny_config, eval_every=2), tmp_path, tiny_config,
                     progress=False)
     assert not stage_is_done(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context length
+
+
+def _with_positions(config, n_positions, **section):
+    model = dataclasses.replace(config.model, n_positions=n_positions)
+    return dataclasses.replace(config, model=model,
+                               teacher=dataclasses.replace(config.teacher, **section),
+                               nocot=dataclasses.replace(config.nocot, **section))
+
+
+def _longest(config, with_cot):
+    stage = stages.build("teacher" if with_cot else "nocot", config)
+    return max(len(e.ids) for e in stage.train_items)
+
+
+def test_training_lines_longer_than_the_context_are_refused(tiny_config):
+    longest = _longest(tiny_config, True)
+    config = _with_positions(tiny_config, longest - 1)
+    with pytest.raises(ConfigError) as info:
+        stages.build("teacher", config)
+    message = str(info.value)
+    assert message.startswith(f"{tiny_config.data.train}: ") and "line 1 " in message
+    assert "model.n_positions" in message and str(longest) in message
+
+
+def test_validation_lines_longer_than_the_context_are_refused(tiny_config, tmp_path):
+    longer = tmp_path / "valid_3x2.txt"
+    longer.write_text("".join(x + "\n" for x in generate_examples(3, 2, 10, seed=0)), encoding="utf-8")
+    config = _with_positions(tiny_config, _longest(tiny_config, True))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, valid=str(longer)))
+    with pytest.raises(ConfigError, match=str(longer)):
+        stages.build("teacher", config)

@@ -19,8 +19,13 @@ STAGES = ("teacher", "nocot", "student", "emulator", "couple")
 def _data_mult(args: argparse.Namespace) -> None:
     from icot.data.multiplication import write_training_file
 
-    stats = write_training_file(args.out, args.digits, args.digits_b or args.digits, args.count, args.seed,
-                                args.exclude or [])
+    try:
+        stats = write_training_file(args.out, args.digits, args.digits_b or args.digits, args.count, args.seed,
+                                    args.exclude or [])
+    except IcotInputError:
+        raise
+    except ValueError as e:  # an impossible request (too many lines for the digit count, count < 1)
+        raise IcotInputError(str(e)) from None
     print(json.dumps(stats))
 
 

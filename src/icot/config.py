@@ -144,8 +144,11 @@ class TrainConfig:
     init_from: str = ""
     log_every: int = 50
 
+    # Name used in errors; the loader rewrites it to the real section ('teacher', 'couple', ...).
+    SECTION: typing.ClassVar[str] = "train"
+
     def __post_init__(self) -> None:
-        self._check_ranges(type(self).__name__)
+        self._check_ranges(self.SECTION)
 
     def _check_ranges(self, section: str) -> None:
         _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
@@ -246,8 +249,6 @@ class IcotConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
 
     def __post_init__(self) -> None:
-        for name in ("teacher", "nocot", "student", "emulator", "couple"):
-            getattr(self, name)._check_ranges(name)
         for m in self.methods:
             _check(m in METHODS, "methods", f"unknown method '{m}' (known: {', '.join(METHODS)})")
 
@@ -311,7 +312,13 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown field '{where}{unknown[0]}' (known: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        section = getattr(cls, "SECTION", None)
+        if section and prefix and section != prefix:
+            raise ConfigError(e.problem.replace(f"'{section}.", f"'{prefix}."), e.path, e.line) from None
+        raise
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -324,10 +331,15 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["--teacher.lr", "1e-3", "--data.test", "f.txt"]`` into a nested dict.
+class RawOverride(str):
+    """A flag's value as typed; read as YAML for non-string fields, kept verbatim for string fields."""
 
-    Values are read as YAML scalars (so ``1e-3`` is a float and ``true`` a bool); ``key=value`` works too.
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["--teacher.lr", "1e-3", "--data.test", "f.txt"]`` into a nested dict of :class:`RawOverride`.
+
+    ``key=value`` works too. The values get their types in :func:`load_config`, which knows each field's
+    type: ``--data.test yes`` stays the string ``"yes"`` while ``--teacher.lr 1e-3`` becomes a float.
     """
     out: dict[str, Any] = {}
     i = 0
@@ -344,8 +356,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '--{key}': missing value")
             raw = pairs[i + 1]
             i += 2
-        value = yaml.safe_load(raw) if raw != "" else ""
-        _set_dotted(out, key.replace("-", "_"), value)
+        _set_dotted(out, key.replace("-", "_"), RawOverride(raw))
     return out
 
 
@@ -356,12 +367,22 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def _fix_types(data: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Let ``lr: 1`` or ``--teacher.lr 1`` stand for floats (YAML reads them as int)."""
+    """Give flag values their field's type, and let YAML's ``1`` or ``1e-3`` stand for floats."""
     hints = typing.get_type_hints(cls)
     out = {}
     for k, v in data.items():
-        tp = hints.get(k)
+        tp = _unwrap_optional(hints.get(k))
+        if isinstance(v, RawOverride):
+            v = str(v) if tp is str else yaml.safe_load(v)
         if tp is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         elif tp is float and isinstance(v, str):

@@ -8,6 +8,7 @@ together (no Python loop over the batch); rows that finished early are cut at th
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -17,9 +18,10 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from icot.data import Example
+from icot.models.lm import context_length
 from icot.tokenizer import Layout
 
 
@@ -68,15 +70,28 @@ class StopAfterEos(StoppingCriteria):
 
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: Layout,
                     n_eos: int, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding until ``n_eos`` end-of-text tokens per row; returns only the new tokens (B, t)."""
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=layout.pad_id,
-        eos_token_id=None, bos_token_id=None,
-    )
+    """Greedy decoding until ``n_eos`` end-of-text tokens per row; returns only the new tokens (B, t).
+
+    The budget is capped so that prompt plus answer stay inside the model's context.
+    """
     prompt_length = input_ids.shape[1]
-    stop = StoppingCriteriaList([StopAfterEos(layout.eos_id, n_eos, prompt_length)])
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                         stopping_criteria=stop)
+    limit = context_length(model)
+    if limit is not None:
+        max_new_tokens = min(max_new_tokens, limit - prompt_length)
+    if max_new_tokens < 1:
+        raise ValueError(f"a prompt of {prompt_length} tokens leaves no room to answer in a context of {limit}")
+    # generate() fills every unset field from model.generation_config, whose eos_token_id would stop
+    # the teacher at its first <sep>: stopping is StopAfterEos's job alone, so that field is blanked.
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=layout.pad_id,
+                  eos_token_id=None, bos_token_id=None)
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        stop = StoppingCriteriaList([StopAfterEos(layout.eos_id, n_eos, prompt_length)])
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop)
+    finally:
+        model.generation_config = saved
     return out[:, prompt_length:]
 
 

@@ -23,6 +23,7 @@ import yaml
 from icot.config import IcotConfig
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
+from icot.errors import ConfigError
 from icot.evaluation import evaluate, load_predictor
 from icot.training import stages
 from icot.training.loop import stage_is_done
@@ -179,7 +180,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config.data.test:
-        raise ValueError("data.test is empty: the pipeline evaluates on a test file")
+        raise ConfigError("field 'data.test' is empty: the pipeline evaluates on a test file")
     start = time.monotonic()
     config = generate_data(config, run_dir)
     stage_report = run_stages(config, run_dir, progress)

@@ -106,6 +106,7 @@ class CausalLMStage(Stage):
         check_fits(self.train_items, self.model, config.data.train)
         self.valid = load_split(config, "valid")
         self.valid_items = self.layout.encode_all(self.valid, with_cot, config.data.valid)
+        check_fits(self.valid_items, self.model, config.data.valid)
         self.meta = {"layout": "explicit" if with_cot else "nocot", "stage": name, **(meta or {})}
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:

@@ -81,7 +81,9 @@ def kd_data(config: IcotConfig, layout: Layout, lm: nn.Module) -> tuple[list[Pai
     items = paired_items(layout, train, config.data.train)
     check_fits([it.explicit for it in items], lm, config.data.train)
     valid = load_split(config, "valid")
-    return items, valid, paired_items(layout, valid, config.data.valid)
+    valid_items = paired_items(layout, valid, config.data.valid)
+    check_fits([it.explicit for it in valid_items], lm, config.data.valid)
+    return items, valid, valid_items
 
 
 def kd_start(config: IcotConfig, train_cfg: TrainConfig, teacher_dir: str

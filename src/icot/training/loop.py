@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icot.config import IcotConfig, TrainConfig, save_config
+from icot.errors import ConfigError
 from icot.models.lm import read_meta, save_atomically, write_meta
 
 BEST = "best"
@@ -111,10 +112,12 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
     set_seed(cfg.seed)
     micro, rest = divmod(cfg.batch_size, cfg.grad_accum * accelerator.num_processes)
     if rest or micro == 0:
-        raise ValueError(f"{stage.name}.batch_size={cfg.batch_size} is not divisible by grad_accum x processes "
+        raise ConfigError(f"field '{stage.name}.batch_size': {cfg.batch_size} is not divisible by grad_accum x processes "
                          f"= {cfg.grad_accum * accelerator.num_processes}")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Until this run finishes the directory must not look done, even if an earlier run finished there.
+        write_meta(out_dir, {"kind": "stage", "stage": stage.name, "model": BEST, "status": "running"})
         save_config(run_config, out_dir / "config.yaml")
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     log = _Logger(out_dir / "metrics.jsonl", main)
@@ -127,8 +130,8 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
     loader = DataLoader(list(stage.train_items), batch_size=micro, shuffle=True, drop_last=True,
                         collate_fn=stage.collate, generator=generator)
     if len(loader) < cfg.grad_accum:
-        raise ValueError(f"{stage.name}: {len(stage.train_items)} training examples are fewer than one batch "
-                         f"of {cfg.batch_size}")
+        raise ConfigError(f"field '{stage.name}.batch_size': {len(stage.train_items)} training examples are "
+                          f"fewer than one batch of {cfg.batch_size}")
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
 
     steps_per_epoch = len(loader) // cfg.grad_accum

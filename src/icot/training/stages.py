@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import set_seed
+
 from icot.config import IcotConfig
 from icot.errors import ConfigError
 from icot.training.loop import Stage, train_stage
@@ -17,7 +19,11 @@ def _need(value: str, flag: str, stage: str) -> str:
 
 
 def build(name: str, config: IcotConfig, teacher: str = "", student: str = "", emulator: str = "") -> Stage:
-    """The stage called ``name``, wired to the stage directories it depends on."""
+    """The stage called ``name``, wired to the stage directories it depends on.
+
+    The stage's seed is set first, so from-scratch weights and new modules depend on it alone.
+    """
+    set_seed(getattr(config, name).seed)
     if name == "teacher":
         from icot.training import teacher as mod
 

@@ -1,0 +1,68 @@
+"""``icot pipeline`` end to end on the smoke config, and its resume-by-skipping behaviour."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from icot.cli import main
+from icot.config import load_config
+from icot.pipeline import results_markdown, stages_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def test_stages_for_methods():
+    assert stages_for(["nocot"]) == ["nocot"]
+    assert stages_for(["explicit"]) == ["teacher"]
+    assert stages_for(["icot-kd", "nocot"]) == ["teacher", "nocot", "student", "emulator", "couple"]
+
+
+def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    test_file = SHARED / "data" / "mult" / "4x4" / "valid.txt"
+    args = ["pipeline", str(ROOT / "configs" / "smoke.yaml"), "--out", str(run), "--data.test", str(test_file)]
+    start = time.monotonic()
+    assert main(args) == 0
+    assert time.monotonic() - start < 120, "the smoke pipeline must stay under two minutes"
+
+    results = json.loads((run / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["no-cot", "no-cot-batched", "explicit-cot", "explicit-cot-batched", "icot-kd",
+                       "implicit-batched"]
+    for row in results["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["examples_per_second"] > 0 and row["n"] == 16
+    assert set(results["stages"]) == {"teacher", "nocot", "student", "emulator", "couple"}
+    table = (run / "results.md").read_text()
+    assert "| icot-kd |" in table and "| explicit-cot |" in table
+    assert (run / "accuracy_vs_speed.png").stat().st_size > 1000
+    assert (run / "implicit" / "icot.json").is_file()
+    # Generated data excludes every test input.
+    test_inputs = {line.split("||")[0] for line in test_file.read_text().splitlines()}
+    train_inputs = {line.split("||")[0] for line in (run / "data" / "train.txt").read_text().splitlines()}
+    assert not test_inputs & train_inputs
+
+    # A second run with the same config skips every stage; a changed couple section reruns only couple.
+    capsys.readouterr()
+    assert main(args + ["--couple.lr", "2e-3"]) == 0
+    out = capsys.readouterr().out
+    for name in ("teacher", "nocot", "student", "emulator"):
+        assert f"stage {name}: already done" in out
+    assert "stage couple: already done" not in out
+    again = json.loads((run / "results.json").read_text())
+    assert again["stages"]["teacher"]["skipped"] and not again["stages"]["couple"]["skipped"]
+
+
+def test_results_markdown_ratio_to_nocot():
+    results = {"rows": [{"method": "no-cot", "accuracy": 0.5, "examples_per_second": 50.0, "batch_size": 1, "n": 4},
+                        {"method": "icot-kd", "accuracy": 1.0, "examples_per_second": 40.0, "batch_size": 1, "n": 4}],
+               "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc", "machine": {"cpu_count": 2, "device": "cpu"}}
+    table = results_markdown(results)
+    assert "| icot-kd | 100.0% | 40.0 | 1 | 0.80x |" in table
+
+
+def test_configs_in_repo_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks").glob("*.yaml")):
+        load_config(path)

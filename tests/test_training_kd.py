@@ -1,0 +1,135 @@
+"""The ICoT-KD stages on the shared loop: student, emulator, couple.
+
+What must hold: the frozen teacher never changes, the trained parts do, and in ``couple`` the answer
+loss reaches both the emulator and the student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from icot.models.emulator import ThoughtEmulator
+from icot.models.implicit import ImplicitModel
+from icot.models.lm import load_lm_dir
+from icot.models.student import MindReadingStudent
+from icot.training import stages
+from icot.training.loop import model_path, stage_is_done
+
+KD_SECTION = {"batch_size": 16, "lr": 1e-3, "max_steps": 6, "eval_every": 0, "eval_examples": 8,
+              "eval_batch_size": 8, "log_every": 2}
+
+
+@pytest.fixture(scope="module")
+def kd_config(session_config):
+    """The session config with short student / emulator / couple sections."""
+    sections = {name: dataclasses.replace(getattr(session_config, name), **KD_SECTION)
+                for name in ("student", "emulator", "couple")}
+    return dataclasses.replace(session_config, **sections)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str = "") -> set[str]:
+    return {k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
+
+
+def _teacher_state(teacher_dir) -> dict[str, torch.Tensor]:
+    return _state(load_lm_dir(model_path(teacher_dir))[0])
+
+
+@pytest.fixture(scope="module")
+def student_dir(kd_config, trained_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    stages.run("student", kd_config, out, progress=False, teacher=str(trained_teacher))
+    return out
+
+
+@pytest.fixture(scope="module")
+def emulator_dir(kd_config, trained_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emulator")
+    stages.run("emulator", kd_config, out, progress=False, teacher=str(trained_teacher))
+    return out
+
+
+def test_student_trains_mlps_and_lm_but_not_teacher(kd_config, trained_teacher, tmp_path):
+    teacher_before = _teacher_state(trained_teacher)
+    stage = stages.build("student", kd_config, teacher=str(trained_teacher))
+    start = _state(stage.module.student)
+    teacher_params = list(stage.module.teacher.parameters())
+    assert teacher_params and not any(p.requires_grad for p in teacher_params)
+    from icot.training.loop import train_stage
+
+    train_stage(stage, kd_config.student, tmp_path / "student", kd_config, progress=False)
+    end = _state(stage.module.student)
+    assert _changed(start, end, "mlps."), "the per-layer MLPs must learn"
+    assert _changed(start, end, "lm."), "the student LM must learn"
+    # Neither the in-memory teacher nor the one on disk moved.
+    assert not _changed(teacher_before, _state(stage.module.teacher.lm))
+    assert not _changed(teacher_before, _teacher_state(trained_teacher))
+    # Started from the teacher's weights (kd.init_from_teacher), so the student LM began equal to it.
+    assert all(torch.equal(start[f"lm.{k}"], v) for k, v in teacher_before.items())
+
+
+def test_student_stage_dir_reloads(student_dir):
+    assert stage_is_done(student_dir)
+    student, tokenizer = MindReadingStudent.from_pretrained(model_path(student_dir))
+    assert student.n_layers == 2 and len(tokenizer) > 10
+
+
+def test_emulator_trains_its_modules_not_teacher(kd_config, trained_teacher, tmp_path):
+    teacher_before = _teacher_state(trained_teacher)
+    stage = stages.build("emulator", kd_config, teacher=str(trained_teacher))
+    start = _state(stage.module.emulator)
+    first_loss, _ = stage.module(stage.collate(stage.valid_items[:16]))
+    from icot.training.loop import train_stage
+
+    train_stage(stage, dataclasses.replace(kd_config.emulator, max_steps=30, lr=3e-3), tmp_path / "emu",
+                kd_config, progress=False)
+    end = _state(stage.module.emulator)
+    for prefix in ("mlps.", "rnn.", "out_proj.", "lm."):
+        assert _changed(start, end, prefix), f"{prefix} must learn"
+    assert not _changed(teacher_before, _state(stage.module.teacher.lm))
+    with torch.no_grad():
+        last_loss, _ = stage.module(stage.collate(stage.valid_items[:16]))
+    assert last_loss < first_loss, "the state loss must fall"
+
+
+def test_emulator_mixture_components_follow_teacher_tokens(kd_config, trained_teacher):
+    config = dataclasses.replace(kd_config, kd=dataclasses.replace(kd_config.kd, mixture_size=3))
+    stage = stages.build("emulator", config, teacher=str(trained_teacher))
+    batch = stage.collate(stage.train_items[:4])
+    loss, parts = stage.module(batch)
+    assert set(parts) == {"state_loss", "component_loss"}
+    assert torch.isfinite(loss) and parts["component_loss"] > 0
+
+
+def test_couple_gradients_reach_emulator_and_student(kd_config, student_dir, emulator_dir):
+    stage = stages.build("couple", kd_config, student=str(student_dir), emulator=str(emulator_dir))
+    implicit: ImplicitModel = stage.module.implicit
+    batch = stage.collate(stage.train_items[:8])
+    loss, _ = stage.loss(stage.module, batch)
+    loss.backward()
+    for name, part in (("emulator", implicit.emulator), ("student", implicit.student)):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
+    # The emulator's own MLPs get gradient only through the student: the CoT-free answer loss.
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in implicit.emulator.mlps.parameters())
+
+
+def test_couple_stage_writes_implicit_model(kd_config, student_dir, emulator_dir, tmp_path):
+    from icot.evaluation import load_predictor
+
+    out = tmp_path / "implicit"
+    result = stages.run("couple", kd_config, out, progress=False, student=str(student_dir),
+                        emulator=str(emulator_dir))
+    assert result["steps"] == KD_SECTION["max_steps"]
+    predictor = load_predictor(str(out))
+    preds = predictor.predict(["1 2 * 3 4", "5 6 * 7 8"])
+    assert [p.cot for p in preds] == ["", ""]
+    reloaded = ThoughtEmulator.from_pretrained(model_path(out) / "emulator")[0]
+    assert reloaded.n_layers == 2
