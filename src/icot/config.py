@@ -30,11 +30,12 @@ class GenerateConfig:
     """Multiplication data the pipeline generates for itself (``data.generate``).
 
     Training and validation lines are drawn excluding every INPUT of the test file (and validation
-    excludes training), written to ``RUN_DIR/data/{train,valid}.txt``.
+    excludes training), written to ``RUN_DIR/data/{train,valid}.txt``. For sizes without a shared test
+    file, ``test_count`` > 0 with an empty ``data.test`` generates one first (``RUN_DIR/data/test.txt``).
 
     Attributes:
         digits, digits_b: operand sizes N x M (``digits_b`` 0 means M = N).
-        train_count, valid_count: lines to generate.
+        train_count, valid_count, test_count: lines to generate.
         seed: seed of the draw.
     """
 
@@ -42,6 +43,7 @@ class GenerateConfig:
     digits_b: int = 0
     train_count: int = 808_000
     valid_count: int = 1000
+    test_count: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,6 +51,7 @@ class GenerateConfig:
         _check(self.digits_b >= 0, "data.generate.digits_b", "must be >= 0")
         _check(self.train_count > 0, "data.generate.train_count", "must be > 0")
         _check(self.valid_count > 0, "data.generate.valid_count", "must be > 0")
+        _check(self.test_count >= 0, "data.generate.test_count", "must be >= 0")
 
 
 @dataclass
@@ -208,6 +211,32 @@ class KDConfig:
 
 
 @dataclass
+class StepwiseConfig:
+    """ICoT-SI options (stepwise internalization, METHOD.md).
+
+    Attributes:
+        remove_per_epoch: CoT tokens removed at each removal step (8 in the paper).
+        steps_per_epoch: optimizer steps between removal steps; 0 = one pass over the training data
+            (the paper's epoch). Counting in steps makes the schedule independent of the data size.
+        removal_smoothing_lambda: lambda of the random extra offset ``P(o) ∝ exp(-lambda o)``;
+            ``.inf`` turns smoothing off.
+        remove_all_when_remove_beyond: once the schedule removes more than this many tokens, remove
+            the whole CoT (0: never; the CoT then goes when the schedule passes its length).
+    """
+
+    remove_per_epoch: int = 8
+    steps_per_epoch: int = 0
+    removal_smoothing_lambda: float = 4.0
+    remove_all_when_remove_beyond: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.remove_per_epoch > 0, "si.remove_per_epoch", "must be > 0")
+        _check(self.steps_per_epoch >= 0, "si.steps_per_epoch", "must be >= 0")
+        _check(self.removal_smoothing_lambda > 0, "si.removal_smoothing_lambda", "must be > 0 (.inf: no smoothing)")
+        _check(self.remove_all_when_remove_beyond >= 0, "si.remove_all_when_remove_beyond", "must be >= 0")
+
+
+@dataclass
 class EvalConfig:
     """Final evaluation.
 
@@ -230,7 +259,7 @@ class EvalConfig:
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
 
 
-METHODS = ("nocot", "explicit", "icot-kd")
+METHODS = ("nocot", "explicit", "icot-kd", "icot-si")
 
 
 @dataclass
@@ -244,9 +273,11 @@ class IcotConfig:
     student: TrainConfig = field(default_factory=TrainConfig)
     emulator: TrainConfig = field(default_factory=TrainConfig)
     couple: TrainConfig = field(default_factory=TrainConfig)
+    stepwise: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    si: StepwiseConfig = field(default_factory=StepwiseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: ["nocot", "explicit", "icot-kd"])
 
     def __post_init__(self) -> None:
         for m in self.methods:

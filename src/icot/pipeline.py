@@ -35,25 +35,31 @@ DEPENDS = {
     "student": ("data", "model", "teacher", "kd", "student"),
     "emulator": ("data", "model", "teacher", "kd", "emulator"),
     "couple": ("data", "model", "teacher", "kd", "student", "emulator", "couple"),
+    "stepwise": ("data", "model", "teacher", "si", "stepwise"),
 }
 # Stage -> directory name under RUN_DIR.
 STAGE_DIRS = {"teacher": "teacher", "nocot": "nocot", "student": "student", "emulator": "emulator",
-              "couple": "implicit"}
+              "couple": "implicit", "stepwise": "stepwise"}
+ORDER = ("teacher", "nocot", "student", "emulator", "couple", "stepwise")
 # Method -> (row name, the stage whose model answers).
-METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teacher"), "icot-kd": ("icot-kd", "couple")}
-BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "icot-kd": "implicit-batched"}
+METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teacher"), "icot-kd": ("icot-kd", "couple"),
+               "icot-si": ("icot-si", "stepwise")}
+BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "icot-kd": "implicit-batched",
+               "icot-si": "icot-si-batched"}
 
 
 def stages_for(methods: list[str]) -> list[str]:
     """The stages a list of methods needs, in training order."""
     need = set()
-    if "explicit" in methods or "icot-kd" in methods:
+    if {"explicit", "icot-kd", "icot-si"} & set(methods):
         need.add("teacher")
     if "nocot" in methods:
         need.add("nocot")
     if "icot-kd" in methods:
         need |= {"student", "emulator", "couple"}
-    return [s for s in ("teacher", "nocot", "student", "emulator", "couple") if s in need]
+    if "icot-si" in methods:
+        need.add("stepwise")
+    return [s for s in ORDER if s in need]
 
 
 def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
@@ -63,15 +69,20 @@ def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
         return config
     data_dir = run_dir / "data"
     train, valid = data_dir / "train.txt", data_dir / "valid.txt"
+    test = Path(config.data.test) if config.data.test else data_dir / "test.txt"
+    if not config.data.test and not gen.test_count:
+        raise ConfigError("field 'data.test' is empty: give a test file or data.generate.test_count")
     stamp = data_dir / "generate.json"
     wanted = {**dataclasses.asdict(gen), "test": config.data.test}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
         digits_b = gen.digits_b or gen.digits
-        exclude = [config.data.test] if config.data.test else []
-        write_training_file(train, gen.digits, digits_b, gen.train_count, gen.seed, exclude)
-        write_training_file(valid, gen.digits, digits_b, gen.valid_count, gen.seed + 1, exclude + [str(train)])
+        if not config.data.test:
+            write_training_file(test, gen.digits, digits_b, gen.test_count, gen.seed + 2)
+        write_training_file(train, gen.digits, digits_b, gen.train_count, gen.seed, [test])
+        write_training_file(valid, gen.digits, digits_b, gen.valid_count, gen.seed + 1, [test, train])
         stamp.write_text(json.dumps(wanted, indent=2))
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, train=str(train), valid=str(valid)))
+    data = dataclasses.replace(config.data, train=str(train), valid=str(valid), test=str(test))
+    return dataclasses.replace(config, data=data)
 
 
 def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
@@ -179,10 +190,10 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     """Run the whole pipeline into ``run_dir`` and write its results; returns the results dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not config.data.test:
-        raise ConfigError("field 'data.test' is empty: the pipeline evaluates on a test file")
     start = time.monotonic()
     config = generate_data(config, run_dir)
+    if not config.data.test:
+        raise ConfigError("field 'data.test' is empty: the pipeline evaluates on a test file")
     stage_report = run_stages(config, run_dir, progress)
     rows = evaluate_methods(config, run_dir, progress)
     results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,

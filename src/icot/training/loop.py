@@ -57,8 +57,16 @@ class Stage:
         raise NotImplementedError
 
     def validate(self, module: nn.Module) -> dict[str, float]:
-        """Validation metrics; must contain ``accuracy`` (exact match) and ``loss``."""
+        """Validation metrics; must contain ``accuracy`` (exact match) and ``loss``.
+
+        A stage whose model is not yet of the kind it must deliver (stepwise internalization before all
+        CoT tokens are removed) adds ``"eligible": False`` so that keep-best passes it over.
+        """
         raise NotImplementedError
+
+    def begin_step(self, step: int) -> bool:
+        """Called before optimizer step ``step`` (0-based) is accumulated; True resets the optimizer state."""
+        return False
 
     def save(self, module: nn.Module, path: Path) -> None:
         """Write ``module`` as a model directory at ``path``."""
@@ -153,7 +161,8 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
         with torch.no_grad():
             metrics = stage.validate(unwrapped)
         unwrapped.train()
-        improved = best is None or _score(metrics) > _score(best)
+        eligible = bool(metrics.get("eligible", True))
+        improved = eligible and (best is None or _score(metrics) > _score(best))
         if improved:
             best = {**metrics, "step": step}
             if main:
@@ -167,6 +176,10 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
     done = step >= total_steps
     while not done:
         for batch in loader:
+            if micro_steps % cfg.grad_accum == 0 and stage.begin_step(step):
+                # A new curriculum stage: Adam's moments describe the old task, start them afresh.
+                optimizer.state.clear()
+                log({"event": "optimizer_reset", "step": step})
             with accelerator.accumulate(module):
                 with accelerator.autocast():
                     loss, extra = stage.loss(module, batch)
@@ -196,6 +209,8 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
                 validate_and_keep()
     validate_and_keep()
     bar.close()
+    if best is None:
+        raise RuntimeError(f"{stage.name}: no validation was eligible for keeping; train longer")
     seconds = time.monotonic() - start
     result = {"steps": step, "examples": examples, "seconds": seconds, "best": best}
     if main:

@@ -40,6 +40,10 @@ def build(name: str, config: IcotConfig, teacher: str = "", student: str = "", e
         from icot.training import emulator as mod
 
         return mod.build(config, _need(teacher, "teacher", name))
+    if name == "stepwise":
+        from icot.training import stepwise as mod
+
+        return mod.build(config, teacher)
     if name == "couple":
         from icot.training import couple as mod
 
