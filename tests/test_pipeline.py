@@ -31,10 +31,10 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
     assert methods == ["no-cot", "no-cot-batched", "explicit-cot", "explicit-cot-batched", "icot-kd",
-                       "implicit-batched"]
+                       "implicit-batched", "icot-si", "icot-si-batched"]
     for row in results["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["examples_per_second"] > 0 and row["n"] == 16
-    assert set(results["stages"]) == {"teacher", "nocot", "student", "emulator", "couple"}
+    assert set(results["stages"]) == {"teacher", "nocot", "student", "emulator", "couple", "stepwise"}
     table = (run / "results.md").read_text()
     assert "| icot-kd |" in table and "| explicit-cot |" in table
     assert (run / "accuracy_vs_speed.png").stat().st_size > 1000
@@ -48,7 +48,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--couple.lr", "2e-3"]) == 0
     out = capsys.readouterr().out
-    for name in ("teacher", "nocot", "student", "emulator"):
+    for name in ("teacher", "nocot", "student", "emulator", "stepwise"):
         assert f"stage {name}: already done" in out
     assert "stage couple: already done" not in out
     again = json.loads((run / "results.json").read_text())

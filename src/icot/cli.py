@@ -1,7 +1,8 @@
 """Command line: ``icot data``, ``icot train``, ``icot eval``, ``icot predict``, ``icot pipeline``.
 
 Bad input (data, config, checkpoint) ends in one line on stderr naming the file, the line or field
-and the problem, and exit status 2.
+and the problem, and exit status 2. Training stopped by SIGINT / SIGTERM saves a checkpoint, says so in
+one line and exits with 130 / 143 (``icot train ... --resume`` continues it).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from icot.errors import IcotInputError
+from icot.errors import IcotInputError, TrainingInterrupted
 
-STAGES = ("teacher", "nocot", "student", "emulator", "couple")
+STAGES = ("teacher", "nocot", "student", "emulator", "couple", "stepwise")
 
 
 def _data_mult(args: argparse.Namespace) -> None:
@@ -41,17 +42,27 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from icot.training import stages
 
     config = load_config(args.config, overrides)
-    result = stages.run(args.stage, config, args.out, teacher=args.teacher, student=args.student,
-                        emulator=args.emulator)
-    print(json.dumps(result, indent=2))
+    result = stages.run(args.stage, config, args.out, resume=args.resume, teacher=args.teacher,
+                        student=args.student, emulator=args.emulator)
+    if _is_main_process():
+        print(json.dumps(result, indent=2))
+
+
+def _is_main_process() -> bool:
+    """False in the other processes of ``accelerate launch``, which print nothing."""
+    from icot.training.distributed import process_state
+
+    return process_state().is_main_process
 
 
 def _eval(args: argparse.Namespace) -> None:
     from icot.data import read_examples
-    from icot.evaluation import evaluate, load_predictor, write_json
+    from icot.evaluation import check_inputs, evaluate, load_predictor, write_json
 
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
-    result = evaluate(predictor, read_examples(args.data, allow_empty_cot=True), batch_size=args.batch_size, limit=args.limit)
+    examples = read_examples(args.data, allow_empty_cot=True)
+    check_inputs(predictor, [ex.input for ex in examples[: args.limit or None]], args.data)
+    result = evaluate(predictor, examples, batch_size=args.batch_size, limit=args.limit)
     result = {"model": args.model, "data": args.data, **result}
     print(json.dumps(result, indent=2))
     if args.json:
@@ -59,9 +70,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from icot.evaluation import load_predictor
+    from icot.evaluation import check_inputs, load_predictor
 
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
+    check_inputs(predictor, args.inputs)
     for text, pred in zip(args.inputs, predictor.predict(args.inputs)):
         if pred.cot:
             print(f"cot: {pred.cot}")
@@ -97,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=STAGES)
     train.add_argument("--config", help="YAML config")
     train.add_argument("--out", required=True, help="stage directory to write")
-    train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator)")
+    train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator; stepwise starts from it)")
     train.add_argument("--student", default="", help="student stage directory (couple)")
     train.add_argument("--emulator", default="", help="emulator stage directory (couple)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint (written every save_every steps and on SIGINT/SIGTERM)")
 
     ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
     ev.add_argument("--model", required=True, help="model or stage directory")
@@ -137,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _predict(args)
         else:
             _pipeline(args, extra)
-    except (IcotInputError, FileNotFoundError, IsADirectoryError) as e:
+    except (IcotInputError, OSError) as e:  # OSError: a missing, unreadable or unwritable path
         print(f"icot: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"icot: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

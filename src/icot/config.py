@@ -128,6 +128,8 @@ class TrainConfig:
         mixed_precision: ``no``, ``fp16`` or ``bf16`` (passed to Accelerate).
         init_from: start from this stage's output directory (empty: the stage's own default).
         log_every: write training loss to metrics.jsonl every N optimizer steps.
+        save_every: write an exact-resume checkpoint (``OUT/checkpoint/``) every N optimizer steps
+            (0: only when SIGINT/SIGTERM stops the run); ``--resume`` continues from it.
     """
 
     epochs: float = 1.0
@@ -146,6 +148,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     init_from: str = ""
     log_every: int = 50
+    save_every: int = 0
 
     # Name used in errors; the loader rewrites it to the real section ('teacher', 'couple', ...).
     SECTION: typing.ClassVar[str] = "train"
@@ -171,6 +174,7 @@ class TrainConfig:
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{section}.mixed_precision",
                "must be 'no', 'fp16' or 'bf16'")
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
+        _check(self.save_every >= 0, f"{section}.save_every", "must be >= 0")
 
 
 SUBSETS = ("diagonal", "first_column", "last_column", "top_row", "bottom_row")
@@ -277,7 +281,7 @@ class IcotConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     si: StepwiseConfig = field(default_factory=StepwiseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=lambda: ["nocot", "explicit", "icot-kd"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -338,7 +342,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # YAML keys may be numbers too
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown field '{where}{unknown[0]}' (known: {', '.join(sorted(known))})")

@@ -1,7 +1,9 @@
-"""Errors raised on bad user input: each names the file, the line and the problem."""
+"""Errors raised on bad user input (each names the file, the line and the problem), and the clean stop of
+an interrupted training run."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 
@@ -32,3 +34,21 @@ class ConfigError(IcotInputError):
 
 class CheckpointError(IcotInputError):
     """A model directory that is missing files or does not fit what loads it."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped cleanly on SIGINT or SIGTERM after writing a checkpoint.
+
+    Attributes:
+        signum: the signal that asked for the stop.
+        step: the optimizer step the checkpoint holds.
+        checkpoint: the checkpoint directory (``--resume`` continues from it).
+        exit_code: ``128 + signum``, the shell's convention (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str | Path):
+        self.signum, self.step, self.checkpoint = signum, step, str(checkpoint)
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {checkpoint}; continue with "
+                         "'icot train ... --resume' (or run the same 'icot pipeline' again)")

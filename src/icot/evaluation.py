@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from icot.data import Example
+from icot.errors import DataFormatError
 from icot.models.lm import context_length
 from icot.tokenizer import Layout
 
@@ -34,7 +35,7 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    """Anything that answers a batch of inputs."""
+    """Anything that answers a batch of inputs (a ``context`` attribute, when present, bounds prompt + answer)."""
 
     layout: Layout
 
@@ -100,6 +101,7 @@ class LMPredictor:
 
     def __init__(self, model: PreTrainedModel, layout: Layout, with_cot: bool, max_new_tokens: int = 256):
         self.model, self.layout, self.with_cot, self.max_new_tokens = model, layout, with_cot, max_new_tokens
+        self.context = context_length(model)
 
     @torch.no_grad()
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:
@@ -108,6 +110,21 @@ class LMPredictor:
         ids, mask = left_pad([self.layout.prompt_ids(x) for x in inputs], self.layout.pad_id, device)
         new = greedy_generate(self.model, ids, mask, self.layout, 2 if self.with_cot else 1, self.max_new_tokens)
         return [Prediction(*self.layout.split_generation(row, self.with_cot)) for row in new.tolist()]
+
+
+def check_inputs(predictor: Predictor, inputs: Sequence[str], path: str | Path | None = None) -> None:
+    """Refuse inputs the model cannot answer before decoding any: unknown symbols of a from-scratch
+    vocabulary, and prompts that leave no room to answer in the model's context.
+
+    Raises:
+        DataFormatError: naming ``path`` (``<input>`` when None) and the 1-based line of the first bad input.
+    """
+    limit = getattr(predictor, "context", None)
+    for line, text in enumerate(inputs, start=1):
+        n = len(predictor.layout.prompt_ids(text, (None if path is None else str(path), line)))
+        if limit is not None and n >= limit:
+            raise DataFormatError(f"INPUT and <sep> are {n} tokens, which leaves no room to answer in the model's "
+                                  f"context of {limit} (field n_positions)", path, line)
 
 
 def normalize_answer(text: str) -> str:
@@ -166,7 +183,7 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "evaluate", "predict_all", "left_pad", "greedy_generate",
-           "StopAfterEos", "normalize_answer", "write_json"]
+           "StopAfterEos", "check_inputs", "normalize_answer", "write_json"]
 
 
 def load_predictor(path: str, max_new_tokens: int = 256) -> Predictor:

@@ -1,9 +1,11 @@
 """``icot pipeline``: teacher -> student -> emulator -> couple, the no-CoT baseline, then evaluation.
 
 Every stage writes its own directory under ``RUN_DIR``; a stage whose directory already holds a
-finished run of the same resolved config is skipped, so an interrupted pipeline continues where it
-stopped. The results go to ``RUN_DIR/results.json``, ``RUN_DIR/results.md`` and
-``RUN_DIR/accuracy_vs_speed.png``; the implicit model is ``RUN_DIR/implicit/``.
+finished run of the same resolved config is skipped, and an unfinished one with a checkpoint
+(``save_every``, SIGINT/SIGTERM) resumes from it, so an interrupted pipeline continues where it stopped.
+The results go to ``RUN_DIR/results.json``, ``RUN_DIR/results.md`` and
+``RUN_DIR/accuracy_vs_speed.png``; the implicit model is ``RUN_DIR/implicit/``. Under
+``accelerate launch`` every process trains; the main process alone generates data and evaluates.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from icot.config import IcotConfig
+from icot.config import IcotConfig, load_config
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
 from icot.errors import ConfigError
-from icot.evaluation import evaluate, load_predictor
+from icot.evaluation import check_inputs, evaluate, load_predictor
 from icot.training import stages
-from icot.training.loop import stage_is_done
+from icot.training.distributed import process_state
+from icot.training.loop import can_resume, stage_is_done
 
 # Stage -> config sections its output depends on (a change in any of them reruns the stage).
 DEPENDS = {
@@ -85,10 +87,20 @@ def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
     return dataclasses.replace(config, data=data)
 
 
+# Training fields that change how a stage runs, not what it produces.
+OPERATIONAL = ("save_every",)
+
+
 def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
-    saved = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
+    # Read through load_config: a saved field that is unknown or out of range is a one-line error naming
+    # the file, and fields added since the stage ran compare at their defaults.
+    saved = load_config(stage_dir / "config.yaml").section(*sections)
     current = config.section(*sections)
-    return all(saved.get(k) == v for k, v in current.items())
+
+    def results_part(section: Any) -> Any:
+        return {k: v for k, v in section.items() if k not in OPERATIONAL} if isinstance(section, dict) else section
+
+    return all(results_part(saved[k]) == results_part(v) for k, v in current.items())
 
 
 def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -102,8 +114,10 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
             report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}
             print(f"[icot] stage {name}: already done in {out}, skipped")
             continue
-        print(f"[icot] stage {name} -> {out}")
-        result = stages.run(name, config, out, progress=progress, teacher=str(dirs["teacher"]),
+        # An interrupted run of the same config continues from its checkpoint.
+        resume = can_resume(out) and _same_config(out, config, DEPENDS[name])
+        print(f"[icot] stage {name} -> {out}" + (" (resuming from its checkpoint)" if resume else ""))
+        result = stages.run(name, config, out, progress=progress, resume=resume, teacher=str(dirs["teacher"]),
                             student=str(dirs["student"]), emulator=str(dirs["emulator"]))
         report[name] = {"skipped": False, **result}
     return report
@@ -116,6 +130,7 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -
     for method in config.methods:
         row_name, stage = METHOD_ROWS[method]
         predictor = load_predictor(str(run_dir / STAGE_DIRS[stage]), config.eval.max_new_tokens)
+        check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
         sizes = [(row_name, config.eval.batch_size)]
         if config.eval.batched_size:
             sizes.append((BATCHED_ROW[method], config.eval.batched_size))
@@ -191,10 +206,14 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    config = generate_data(config, run_dir)
+    state = process_state()  # under accelerate launch: the main process writes data and results
+    with state.main_process_first():
+        config = generate_data(config, run_dir)
     if not config.data.test:
         raise ConfigError("field 'data.test' is empty: the pipeline evaluates on a test file")
     stage_report = run_stages(config, run_dir, progress)
+    if not state.is_main_process:
+        return {}
     rows = evaluate_methods(config, run_dir, progress)
     results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,
                "commit": _commit(), "machine": machine(), "wall_seconds": time.monotonic() - start,

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from icot.data import Example
-from icot.errors import DataFormatError
+from icot.errors import CheckpointError, DataFormatError
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -63,8 +63,16 @@ def build_bpe_tokenizer(examples: Iterable[Example], vocab_size: int) -> PreTrai
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A saved or pretrained tokenizer; a missing pad token becomes the end-of-text token (GPT-2)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    """A saved or pretrained tokenizer; a missing pad token becomes the end-of-text token (GPT-2).
+
+    Raises:
+        CheckpointError: naming ``path`` when the tokenizer files are missing or unreadable.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # the Rust tokenizers library raises plain Exceptions on malformed files
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"cannot load the tokenizer: {type(e).__name__}: {first}", path) from None
     if tok.eos_token_id is None:
         raise DataFormatError(f"tokenizer has no end-of-text (eos) token, needed as <sep>", path)
     if tok.pad_token_id is None:

@@ -7,7 +7,7 @@ Layout (see ``docs/DESIGN.md``)::
     PATH/config.json, model.safetensors, tokenizer files   the Hugging Face LM
     PATH/icot_modules.safetensors    "{name}.{param}" -> tensor, for each extra module
 
-Tensors go through ``safetensors`` only: loading a checkpoint never unpickles anything.
+Tensors go through ``safetensors`` only: loading a checkpoint never runs code stored in a file.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from icot.config import IcotConfig, save_config
 from icot.errors import CheckpointError
 from icot.evaluation import Prediction, left_pad
 from icot.models.emulator import ThoughtEmulator
-from icot.models.lm import META_FILE, read_meta, write_meta
+from icot.models.lm import META_FILE, context_length, read_meta, write_meta
 from icot.models.student import MindReadingStudent
 from icot.tokenizer import Layout, load_tokenizer
 
@@ -144,6 +144,8 @@ class ImplicitPredictor:
                              "or assign model.tokenizer")
         self.model, self.max_new_tokens = model, max_new_tokens
         self.layout = Layout(model.tokenizer)
+        limits = [n for n in (context_length(model.emulator.lm), context_length(model.student.lm)) if n is not None]
+        self.context = min(limits) if limits else None
 
     @torch.no_grad()
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:

@@ -37,8 +37,22 @@ def build_gpt2(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHe
 
 
 def load_pretrained_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Any Hugging Face causal LM (hub id or directory), checked against the tokenizer's vocabulary."""
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+    """Any Hugging Face causal LM (hub id or directory), checked against the tokenizer's vocabulary.
+
+    Weights are read from safetensors only (``use_safetensors=True``): a directory holding only
+    ``pytorch_model.bin`` is refused rather than unpacked, since that format can run code when loaded.
+
+    Raises:
+        CheckpointError: naming the path when the model cannot be read or does not fit the tokenizer.
+    """
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    except (OSError, ValueError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"cannot load the model: {first}", path) from None
+    except RuntimeError:  # transformers has printed its load report: which tensor, which shapes
+        raise CheckpointError("cannot load the model: a tensor of model.safetensors does not fit config.json "
+                              "(see the load report above)", path) from None
     n_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_vocab:
         raise CheckpointError(
@@ -111,6 +125,20 @@ def save_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_atomically(out_dir: str | Path) -> None:
+    """Repair what a process killed inside :func:`save_atomically` left beside ``out_dir``.
+
+    Killed between its two renames, only the previous directory exists, moved aside as
+    ``.NAME.old-PID``: it is put back. Leftover temporary and aside directories are deleted.
+    """
+    out_dir = Path(out_dir)
+    aside = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside and not out_dir.exists():
+        os.replace(aside.pop(), out_dir)
+    for path in [*aside, *out_dir.parent.glob(f".{out_dir.name}.tmp-*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_lm_dir(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any],

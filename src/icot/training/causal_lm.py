@@ -15,6 +15,7 @@ from icot.errors import ConfigError
 from icot.evaluation import LMPredictor, evaluate, left_pad
 from icot.models.lm import build_gpt2, context_length, load_lm_dir, load_pretrained_lm, save_lm_dir
 from icot.tokenizer import IGNORE_INDEX, Encoded, Layout, build_bpe_tokenizer, build_word_tokenizer, load_tokenizer
+from icot.training.distributed import shard, sum_across
 from icot.training.loop import Stage, model_path
 
 
@@ -130,25 +131,43 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 def teacher_forced_metrics(logits_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                            batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean answer-side cross-entropy and token accuracy over batches carrying ``labels``."""
-    ce = correct = count = 0.0
+    """Mean answer-side cross-entropy, token accuracy and example count over batches carrying ``labels``.
+
+    The batches are this process's shard; the sums are added across processes before dividing.
+    """
+    ce = correct = count = rows = 0.0
     for batch in batches:
         c, k, n = token_metrics(logits_of(batch), batch["labels"])
         ce, correct, count = ce + c.item(), correct + k.item(), count + n.item()
-    return {"loss": ce / count, "token_accuracy": correct / count}
+        rows += batch["labels"].shape[0]
+    total = sum_across({"ce": ce, "correct": correct, "count": count, "rows": rows})
+    return {"loss": total["ce"] / total["count"], "token_accuracy": total["correct"] / total["count"],
+            "examples": total["rows"]}
+
+
+def exact_match(correct: int, n: int) -> dict[str, float]:
+    """Exact-match accuracy over all processes from this process's ``correct`` of ``n``."""
+    total = sum_across({"correct": correct, "n": n})
+    return {"accuracy": total["correct"] / total["n"], "exact_examples": total["n"]}
 
 
 def validate_lm(model: PreTrainedModel, layout: Layout, valid: Sequence[Example], valid_items: Sequence[Encoded],
                 cfg: TrainConfig, with_cot: bool) -> dict[str, float]:
-    """Teacher-forced loss and token accuracy on the validation set, exact match on its first lines."""
+    """Teacher-forced loss and token accuracy on the validation set, exact match on its first lines.
+
+    Each process scores its own shard of the lines (see :mod:`icot.training.distributed`).
+    """
     device = next(model.parameters()).device
-    batches = (to_device(lm_batch(c, layout.pad_id), device) for c in chunks(valid_items, cfg.eval_batch_size))
+    mine = shard(valid_items)
+    batches = (to_device(lm_batch(c, layout.pad_id), device) for c in chunks(mine, cfg.eval_batch_size))
     metrics = teacher_forced_metrics(
         lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, batches)
+    # The budget comes from all the lines, so that every process decodes as one process would.
     predictor = LMPredictor(model, layout, with_cot, max_new_tokens=answer_budget(valid_items[: cfg.eval_examples]))
-    exact = evaluate(predictor, valid[: cfg.eval_examples], batch_size=cfg.eval_batch_size, progress=False,
-                     warmup=False)
-    return {**metrics, "accuracy": exact["accuracy"]}
+    head = shard(valid[: cfg.eval_examples])
+    correct = evaluate(predictor, head, batch_size=cfg.eval_batch_size, progress=False,
+                       warmup=False)["correct"] if head else 0
+    return {**metrics, **exact_match(correct, len(head))}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

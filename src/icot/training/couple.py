@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from icot.config import IcotConfig
+from icot.errors import CheckpointError
 from icot.models.emulator import ThoughtEmulator
 from icot.models.implicit import ImplicitModel
 from icot.models.student import MindReadingStudent
 from icot.tokenizer import Layout
 from icot.training.causal_lm import check_fits, load_split, prompts_of
-from icot.training.frozen_teacher import PairedItem, paired_batch, paired_items
+from icot.training.frozen_teacher import PairedItem, check_same_shape, paired_batch, paired_items
 from icot.training.loop import Stage, model_path
 from icot.training.student import validate_paired
 
@@ -46,11 +47,18 @@ class CoupleStage(Stage):
     """Train emulator and student together as one implicit model."""
 
     name = "couple"
+    # The emulator inside reads the states entering each block: its LM's last block and final norm get no gradient.
+    unused_parameters = True
 
     def __init__(self, config: IcotConfig, student_dir: str, emulator_dir: str):
         self.config, self.cfg = config, config.couple
         student, self.tokenizer = MindReadingStudent.from_pretrained(model_path(student_dir))
-        emulator, _ = ThoughtEmulator.from_pretrained(model_path(emulator_dir))
+        emulator, emulator_tokenizer = ThoughtEmulator.from_pretrained(model_path(emulator_dir))
+        # The emulator's states replace the student's at every layer, and both read the same token ids.
+        check_same_shape(student.lm, emulator.lm, model_path(emulator_dir) / "config.json", "student", "emulator")
+        if emulator_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise CheckpointError("the emulator's vocabulary differs from the student's (field tokenizer)",
+                                  model_path(emulator_dir))
         self.layout = Layout(self.tokenizer)
         self.module = Coupled(ImplicitModel(emulator, student))
         train = load_split(config, "train")

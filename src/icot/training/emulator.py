@@ -18,6 +18,7 @@ from icot.config import IcotConfig
 from icot.models.emulator import ThoughtEmulator, component_loss, state_loss
 from icot.tokenizer import Layout
 from icot.training.causal_lm import chunks, to_device
+from icot.training.distributed import shard, sum_across
 from icot.training.frozen_teacher import PairedItem, kd_data, kd_start, paired_batch
 from icot.training.loop import Stage
 
@@ -47,6 +48,8 @@ class EmulatorStage(Stage):
     """Train a thought emulator against a frozen teacher."""
 
     name = "emulator"
+    # The emulator reads the states entering each block: its LM's last block and final norm get no gradient.
+    unused_parameters = True
 
     def __init__(self, config: IcotConfig, teacher_dir: str):
         self.config, self.cfg = config, config.emulator
@@ -64,13 +67,17 @@ class EmulatorStage(Stage):
         return loss, {k: v.item() for k, v in parts.items()}
 
     def validate(self, module: nn.Module) -> dict[str, float]:
-        """Mean validation loss; the emulator answers nothing on its own, so ``accuracy`` is 0."""
+        """Mean validation loss; the emulator answers nothing on its own, so ``accuracy`` is 0.
+
+        Each process scores its own shard of the items (see :mod:`icot.training.distributed`).
+        """
         device = next(module.parameters()).device
         total, n = 0.0, 0
-        for chunk in chunks(self.valid_items, self.cfg.eval_batch_size):
+        for chunk in chunks(shard(self.valid_items), self.cfg.eval_batch_size):
             loss, _ = module(to_device(paired_batch(chunk, self.layout.pad_id), device))
             total, n = total + loss.item() * len(chunk), n + len(chunk)
-        return {"loss": total / n, "accuracy": 0.0}
+        sums = sum_across({"loss": total, "n": n})
+        return {"loss": sums["loss"] / sums["n"], "accuracy": 0.0, "examples": sums["n"]}
 
     def save(self, module: nn.Module, path: Path) -> None:
         module.emulator.save_pretrained(path, self.tokenizer, {"teacher_states": self.config.kd.subset}, self.config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from icot.config import IcotConfig, KDConfig, TrainConfig
 from icot.data import Example
 from icot.errors import CheckpointError
-from icot.models.lm import load_lm_dir
+from icot.models.lm import hidden_size, load_lm_dir, n_layers
 from icot.models.teacher_states import extract_teacher_states, teacher_positions
 from icot.tokenizer import Encoded, Layout
 from icot.training.causal_lm import check_fits, lm_batch, load_split, starting_lm
@@ -99,4 +100,18 @@ def kd_start(config: IcotConfig, train_cfg: TrainConfig, teacher_dir: str
     if len(tokenizer) != len(teacher.tokenizer) or tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise CheckpointError("the teacher's vocabulary differs from the model this stage starts from "
                               "(field tokenizer)", teacher_dir)
+    check_same_shape(teacher.lm, lm, model_path(teacher_dir) / "config.json", "teacher",
+                     "model this stage starts from")
     return teacher, lm, tokenizer
+
+
+def check_same_shape(reference: nn.Module, other: nn.Module, file: Path, name: str, other_name: str) -> None:
+    """Refuse models whose layer counts or hidden sizes differ: one model's states feed the other's layers.
+
+    Raises:
+        CheckpointError: naming ``file`` (the reference's config) and the field that differs.
+    """
+    for field, size in (("n_layer", n_layers), ("hidden_size", hidden_size)):
+        if size(reference) != size(other):
+            raise CheckpointError(f"field '{field}': the {name} has {size(reference)} but the {other_name} has "
+                                  f"{size(other)}; they must be equal", file)

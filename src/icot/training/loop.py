@@ -3,36 +3,49 @@
 A stage says *what* to train (:class:`Stage`: its module, loss, validation and how to save it); this
 loop says *how*: AdamW on the parameters that require grad, linear warm-up then a constant rate (as
 the papers), gradient clipping and accumulation, periodic validation with keep-best selection, a
-progress bar, metrics as JSON lines, seeding, mixed precision and multi-process training through
-Accelerate.
+progress bar, metrics as JSON lines, seeding, mixed precision, exact-resume checkpoints, a clean stop
+on SIGINT/SIGTERM, and multi-process training through Accelerate.
 
 A stage directory looks like::
 
-    OUT/icot.json       {"kind": "stage", "stage": ..., "model": "best", "best": {...}}
+    OUT/icot.json       {"kind": "stage", "stage": ..., "model": "best", "status": "running" | "done", ...}
     OUT/config.yaml     resolved run config
     OUT/metrics.jsonl   one JSON object per log / validation event
     OUT/best/           the best model so far, a model directory (replaced atomically)
+    OUT/checkpoint/     exact-resume state (:mod:`icot.training.resume`), every ``save_every`` steps and
+                        on SIGINT/SIGTERM; removed when the stage finishes
+
+Under ``accelerate launch --num_processes N`` (DDP) the global batch stays ``batch_size``: each process
+takes ``batch_size / (N x grad_accum)`` examples per micro-batch. Only the main process writes; validation
+is sharded across processes (:mod:`icot.training.distributed`); all processes agree at every step on
+whether to stop, so they save and stop together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icot.config import IcotConfig, TrainConfig, save_config
-from icot.errors import ConfigError
-from icot.models.lm import read_meta, save_atomically, write_meta
+from icot.errors import CheckpointError, ConfigError, TrainingInterrupted
+from icot.models.lm import read_meta, recover_atomically, save_atomically, write_meta
+from icot.training.distributed import mean_across
+from icot.training.resume import (CHECKPOINT, STATE_FILE, checkpoint_dir, load_module_state, load_training_state,
+                                  read_trainer_state, remove_checkpoints, save_checkpoint)
+from icot.training.signals import StopSignals
 
 BEST = "best"
 
@@ -41,12 +54,18 @@ class Stage:
     """One training stage. Subclasses set ``name``, ``module`` and ``train_items`` and implement the rest.
 
     ``module`` holds every parameter the stage touches; frozen ones (a teacher) have
-    ``requires_grad=False`` and are never given to the optimizer.
+    ``requires_grad=False`` and are never given to the optimizer. A module that computes trainable
+    parameters no loss reads (the emulator runs its LM's last block, whose output nothing uses) sets
+    ``unused_parameters = True``, so that DDP does not wait for their gradients.
+
+    For exact resume, randomness in ``collate`` and ``loss`` must come from the global torch RNG (saved
+    in checkpoints) or from generators seeded by the step (as the stepwise stage does).
     """
 
     name: str = "stage"
     module: nn.Module
     train_items: Sequence[Any]
+    unused_parameters: bool = False
 
     def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of training items into a batch of tensors."""
@@ -60,12 +79,18 @@ class Stage:
         """Validation metrics; must contain ``accuracy`` (exact match) and ``loss``.
 
         A stage whose model is not yet of the kind it must deliver (stepwise internalization before all
-        CoT tokens are removed) adds ``"eligible": False`` so that keep-best passes it over.
+        CoT tokens are removed) adds ``"eligible": False`` so that keep-best passes it over. Under several
+        processes every process calls it: score ``icot.training.distributed.shard`` of the examples and
+        add the counts with ``sum_across``, so that each example counts once.
         """
         raise NotImplementedError
 
     def begin_step(self, step: int) -> bool:
-        """Called before optimizer step ``step`` (0-based) is accumulated; True resets the optimizer state."""
+        """Called before optimizer step ``step`` (0-based) is accumulated; True resets the optimizer state.
+
+        A resumed run first replays the calls for the steps already done (results ignored), so that a
+        curriculum's state is rebuilt: keep it cheap and deterministic.
+        """
         return False
 
     def save(self, module: nn.Module, path: Path) -> None:
@@ -82,13 +107,18 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def stage_is_done(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` holds a finished stage."""
+def _stage_status(out_dir: str | Path) -> str | None:
+    """The ``status`` of a stage directory, or None when ``out_dir`` is not one (or is unreadable)."""
     try:
         meta = read_meta(out_dir)
     except Exception:
-        return False
-    return meta.get("kind") == "stage" and meta.get("status") == "done"
+        return None
+    return meta.get("status") if meta.get("kind") == "stage" else None
+
+
+def stage_is_done(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a finished stage."""
+    return _stage_status(out_dir) == "done"
 
 
 def model_path(stage_dir: str | Path) -> Path:
@@ -97,123 +127,311 @@ def model_path(stage_dir: str | Path) -> Path:
     return Path(stage_dir) / meta["model"] if meta["kind"] == "stage" else Path(stage_dir)
 
 
+def can_resume(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds an unfinished stage with a checkpoint to continue from."""
+    return _stage_status(out_dir) == "running" and checkpoint_dir(out_dir) is not None
+
+
 class _Logger:
+    """Appends JSON lines to metrics.jsonl (main process only) and counts them for checkpoints."""
+
     def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.lines = path, enabled, 0
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self.lines += 1
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` records: what a killed run wrote after its checkpoint is written again."""
+        if self.enabled:
+            kept = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines] if self.path.is_file() else []
+            self.path.write_text("".join(kept), encoding="utf-8")
+            self.lines = len(kept)
+
+
+@dataclass
+class _Position:
+    """Where a run stands: saved in checkpoints (``trainer_state.json``), restored on resume.
+
+    ``batches_in_epoch`` counts this process's micro-batches of the current epoch; ``running`` holds the
+    losses of the micro-batches since the last train log; ``metrics_lines`` is the length of metrics.jsonl.
+    """
+
+    step: int = 0
+    examples: int = 0
+    micro_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best: dict[str, float] | None = None
+    running: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    metrics_lines: int = 0
+
+
+# Accelerate setups that shard the model: the loop saves, validates and decodes with whole modules.
+SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+           DistributedType.MEGATRON_LM: "Megatron-LM"}
+
+
+def _accelerator(stage: Stage, cfg: TrainConfig) -> Accelerator:
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              kwargs_handlers=[ddp])
+    if accelerator.distributed_type in SHARDED:
+        raise ConfigError(f"field 'distributed_type' of the accelerate config is "
+                          f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP only (every model of the "
+                          "papers fits one device); use 'accelerate launch --multi_gpu'")
+    return accelerator
+
+
+def _micro_batch(stage: Stage, cfg: TrainConfig, processes: int) -> int:
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * processes)
+    if rest or micro == 0:
+        raise ConfigError(f"field '{stage.name}.batch_size': {cfg.batch_size} is not divisible by grad_accum x processes "
+                          f"= {cfg.grad_accum * processes}")
+    return micro
+
+
+class _Trainer:
+    """One run of :func:`train_stage`; its methods are the phases of the loop."""
+
+    def __init__(self, stage: Stage, cfg: TrainConfig, out_dir: Path, run_config: IcotConfig, progress: bool):
+        self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, out_dir, run_config
+        self.accelerator = _accelerator(stage, cfg)
+        self.main = self.accelerator.is_main_process
+        set_seed(cfg.seed)
+        self.micro = _micro_batch(stage, cfg, self.accelerator.num_processes)
+        self.log = _Logger(out_dir / "metrics.jsonl", self.main)
+        self.position = _Position()
+        self.progress = progress
+        self.identity = {"stage": stage.name, "num_processes": self.accelerator.num_processes,
+                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                         "train_examples": len(stage.train_items)}
+        self.done, self.at_boundary, self.extra = False, True, {}
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> tuple[Path, dict[str, Any]]:
+        if self.main:  # a run killed while saving may have left its last checkpoint or best model aside
+            for name in (CHECKPOINT, BEST):
+                recover_atomically(self.out_dir / name)
+        self.accelerator.wait_for_everyone()
+        path = checkpoint_dir(self.out_dir)
+        if path is None:
+            raise CheckpointError("no checkpoint to resume from (train with save_every > 0, or stop with "
+                                  "SIGINT/SIGTERM)", self.out_dir / CHECKPOINT)
+        return path, read_trainer_state(path, self.identity)
+
+    def _prepare_directory(self, state: dict[str, Any] | None) -> None:
+        if not self.main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Until this run finishes the directory must not look done, even if an earlier run finished there.
+        write_meta(self.out_dir, {"kind": "stage", "stage": self.stage.name, "model": BEST, "status": "running"})
+        save_config(self.run_config, self.out_dir / "config.yaml")
+        if state is None:
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            remove_checkpoints(self.out_dir)  # a stale one must never be resumed into this run
+        else:
+            self.log.truncate(state["position"]["metrics_lines"])
+
+    def _build(self) -> None:
+        stage, cfg = self.stage, self.cfg
+        self.params = [p for p in stage.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Not given to Accelerate, which would step it once per process: the global batch is fixed, so
+        # one optimizer step is one scheduler step whatever the number of processes.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.warmup_steps))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(list(stage.train_items), batch_size=self.micro, shuffle=True, drop_last=True,
+                            collate_fn=stage.collate, generator=self.generator)
+        if len(loader) < cfg.grad_accum:
+            raise ConfigError(f"field '{stage.name}.batch_size': {len(stage.train_items)} training examples are "
+                              f"fewer than one batch of {cfg.batch_size}")
+        self.module, self.optimizer, self.loader = self.accelerator.prepare(stage.module, self.optimizer, loader)
+        self.unwrapped = self.accelerator.unwrap_model(self.module)
+        steps_per_epoch = len(self.loader) // cfg.grad_accum
+        self.total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        self.epoch_start = load_training_state(path, state, self.accelerator, self.optimizer, self.scheduler)
+        try:
+            self.position = _Position(**state["position"])
+        except TypeError as e:
+            raise CheckpointError(f"field 'position' does not fit: {e}", path / STATE_FILE) from None
+        self.log.lines = self.position.metrics_lines
+        for step in range(self.position.step):  # rebuild the stage's curriculum state (see Stage.begin_step)
+            self.stage.begin_step(step)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> dict[str, Any]:
+        path, state = self._checkpoint_state() if resume else (None, None)
+        self._prepare_directory(state)
+        if state is not None:
+            load_module_state(path, self.stage.module)  # before DDP wraps it
+        self._build()
+        if state is not None:
+            self._restore(path, state)
+        p = self.position
+        self.start = time.monotonic() - p.elapsed
+        self.deadline = self.start + self.cfg.max_minutes * 60 if self.cfg.max_minutes else math.inf
+        self.done = p.step >= self.total_steps
+        self.bar = tqdm(total=self.total_steps, initial=p.step, desc=self.stage.name,
+                        disable=not (self.progress and self.main), dynamic_ncols=True)
+        try:
+            with StopSignals() as stop:
+                self.module.train()
+                while not self.done:
+                    self._epoch(stop)
+                self._validate_and_keep()
+        finally:
+            self.bar.close()
+        return self._finish()
+
+    def _epoch(self, stop: StopSignals) -> None:
+        p = self.position
+        if p.batches_in_epoch:
+            # Resuming mid-epoch: the epoch's shuffle again, without the micro-batches already trained on.
+            self.generator.set_state(self.epoch_start)
+            loader = self.accelerator.skip_first_batches(self.loader, p.batches_in_epoch)
+        else:
+            self.epoch_start = self.generator.get_state()
+            loader = self.loader
+        for batch in loader:
+            self._micro_step(batch)
+            if self.accelerator.sync_gradients:
+                self._end_step(stop)
+                if self.done:
+                    return
+        p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> None:
+        acc, p = self.accelerator, self.position
+        if self.at_boundary and self.stage.begin_step(p.step):
+            # A new curriculum stage: Adam's moments describe the old task, start them afresh.
+            self.optimizer.state.clear()
+            self.log({"event": "optimizer_reset", "step": p.step})
+        with acc.accumulate(self.module):
+            with acc.autocast():
+                loss, self.extra = self.stage.loss(self.module, batch)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        p.micro_steps += 1
+        p.batches_in_epoch += 1
+        p.running.append(loss.detach().float().item())
+        self.at_boundary = acc.sync_gradients
+
+    def _end_step(self, stop: StopSignals) -> None:
+        p, cfg = self.position, self.cfg
+        p.step += 1
+        p.examples += cfg.batch_size
+        self.bar.update(1)
+        if p.step % cfg.log_every == 0:
+            self._log_train()
+        signum, out_of_time = self._stop_requests(stop)
+        if p.step >= self.total_steps or out_of_time:
+            self.done = True
+            return
+        if cfg.eval_every and p.step % cfg.eval_every == 0:
+            self._validate_and_keep()
+        if signum or (cfg.save_every and p.step % cfg.save_every == 0):
+            path = self._save_checkpoint()
+            if signum:
+                raise TrainingInterrupted(signum, p.step, path)
+
+    def _stop_requests(self, stop: StopSignals) -> tuple[int | None, bool]:
+        """``(signal, out of time)`` agreed by all processes: a launcher may signal only some of them, and
+        clocks differ, but all must stop (and save) at the same step."""
+        local = [stop.signum or 0, int(time.monotonic() > self.deadline)]
+        rows = [local]
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.gather(torch.tensor([local], device=self.accelerator.device)).tolist()
+        signals = [row[0] for row in rows if row[0]]
+        return (signals[0] if signals else None), any(row[1] for row in rows)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def _log_train(self) -> None:
+        p = self.position
+        # Each process saw its own micro-batches: the logged loss is the global batch's.
+        values = mean_across({"loss": sum(p.running) / len(p.running), **self.extra})
+        loss = values.pop("loss")
+        self.log({"event": "train", "step": p.step, "examples": p.examples, "seconds": self._elapsed(),
+                  "loss": loss, "lr": self.scheduler.get_last_lr()[0], **values})
+        self.bar.set_description(f"{self.stage.name} loss {loss:.4f}")
+        p.running.clear()
+
+    def _validate_and_keep(self) -> None:
+        p, unwrapped = self.position, self.unwrapped
+        unwrapped.eval()
+        with torch.no_grad():
+            metrics = self.stage.validate(unwrapped)
+        unwrapped.train()
+        eligible = bool(metrics.get("eligible", True))
+        improved = eligible and (p.best is None or _score(metrics) > _score(p.best))
+        if improved:
+            p.best = {**metrics, "step": p.step}
+            if self.main:
+                save_atomically(self.out_dir / BEST, lambda tmp: self.stage.save(unwrapped, tmp))
+        self.log({"event": "validate", "step": p.step, "examples": p.examples, "seconds": self._elapsed(),
+                  "improved": improved, **{f"val_{k}": v for k, v in metrics.items()}})
+        self.bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", val_loss=f"{metrics['loss']:.3f}")
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self) -> Path:
+        p, acc = self.position, self.accelerator
+        p.elapsed, p.metrics_lines = self._elapsed(), self.log.lines
+        running = p.running
+        if acc.num_processes > 1 and running:
+            # Per-entry means over processes give the same next train log as each process's own list.
+            running = acc.reduce(torch.tensor(running, device=acc.device), reduction="mean").tolist()
+        state = {**self.identity, "position": {**dataclasses.asdict(p), "running": running}}
+        return save_checkpoint(self.out_dir, acc, self.unwrapped, self.optimizer, self.scheduler, state,
+                               self.epoch_start)
+
+    def _finish(self) -> dict[str, Any]:
+        p = self.position
+        if p.best is None:
+            raise RuntimeError(f"{self.stage.name}: no validation was eligible for keeping; train longer")
+        result = {"steps": p.step, "examples": p.examples, "seconds": self._elapsed(), "best": p.best}
+        if self.main:
+            write_meta(self.out_dir, {"kind": "stage", "stage": self.stage.name, "model": BEST, "status": "done",
+                                      **result})
+            remove_checkpoints(self.out_dir)  # the stage is complete; nothing is left to resume
+        self.accelerator.wait_for_everyone()
+        return result
 
 
 def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config: IcotConfig,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train ``stage`` with ``cfg`` and keep its best validated model in ``out_dir/best``.
+
+    Args:
+        stage: what to train.
+        cfg: the stage's training section.
+        out_dir: the stage directory.
+        run_config: the whole run's config, saved beside the models.
+        progress: show a progress bar.
+        resume: continue from ``out_dir/checkpoint`` (same data order, optimizer and RNG states: the result
+            equals an uninterrupted run's to float tolerance).
 
     Returns:
         ``{"steps", "examples", "seconds", "best": metrics of the kept model}``.
+
+    Raises:
+        TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
+        CheckpointError: when ``resume`` finds no checkpoint or one that does not fit.
     """
-    out_dir = Path(out_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * accelerator.num_processes)
-    if rest or micro == 0:
-        raise ConfigError(f"field '{stage.name}.batch_size': {cfg.batch_size} is not divisible by grad_accum x processes "
-                         f"= {cfg.grad_accum * accelerator.num_processes}")
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Until this run finishes the directory must not look done, even if an earlier run finished there.
-        write_meta(out_dir, {"kind": "stage", "stage": stage.name, "model": BEST, "status": "running"})
-        save_config(run_config, out_dir / "config.yaml")
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = _Logger(out_dir / "metrics.jsonl", main)
-
-    module = stage.module
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(list(stage.train_items), batch_size=micro, shuffle=True, drop_last=True,
-                        collate_fn=stage.collate, generator=generator)
-    if len(loader) < cfg.grad_accum:
-        raise ConfigError(f"field '{stage.name}.batch_size': {len(stage.train_items)} training examples are "
-                          f"fewer than one batch of {cfg.batch_size}")
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
-
-    steps_per_epoch = len(loader) // cfg.grad_accum
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-
-    best: dict[str, float] | None = None
-    step, examples, micro_steps = 0, 0, 0
-    running: list[float] = []
-    start = time.monotonic()
-    bar = tqdm(total=total_steps, desc=stage.name, disable=not (progress and main), dynamic_ncols=True)
-
-    def validate_and_keep() -> None:
-        nonlocal best
-        unwrapped = accelerator.unwrap_model(module)
-        unwrapped.eval()
-        with torch.no_grad():
-            metrics = stage.validate(unwrapped)
-        unwrapped.train()
-        eligible = bool(metrics.get("eligible", True))
-        improved = eligible and (best is None or _score(metrics) > _score(best))
-        if improved:
-            best = {**metrics, "step": step}
-            if main:
-                save_atomically(out_dir / BEST, lambda tmp: stage.save(unwrapped, tmp))
-        log({"event": "validate", "step": step, "examples": examples, "seconds": time.monotonic() - start,
-             "improved": improved, **{f"val_{k}": v for k, v in metrics.items()}})
-        bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", val_loss=f"{metrics['loss']:.3f}")
-        accelerator.wait_for_everyone()
-
-    module.train()
-    done = step >= total_steps
-    while not done:
-        for batch in loader:
-            if micro_steps % cfg.grad_accum == 0 and stage.begin_step(step):
-                # A new curriculum stage: Adam's moments describe the old task, start them afresh.
-                optimizer.state.clear()
-                log({"event": "optimizer_reset", "step": step})
-            with accelerator.accumulate(module):
-                with accelerator.autocast():
-                    loss, extra = stage.loss(module, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_steps += 1
-            running.append(loss.detach().float().item())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            examples += cfg.batch_size
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                log({"event": "train", "step": step, "examples": examples, "seconds": time.monotonic() - start,
-                     "loss": sum(running) / len(running), "lr": scheduler.get_last_lr()[0], **extra})
-                bar.set_description(f"{stage.name} loss {sum(running) / len(running):.4f}")
-                running.clear()
-            out_of_time = time.monotonic() > deadline
-            if step >= total_steps or out_of_time:
-                done = True
-                break
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                validate_and_keep()
-    validate_and_keep()
-    bar.close()
-    if best is None:
-        raise RuntimeError(f"{stage.name}: no validation was eligible for keeping; train longer")
-    seconds = time.monotonic() - start
-    result = {"steps": step, "examples": examples, "seconds": seconds, "best": best}
-    if main:
-        write_meta(out_dir, {"kind": "stage", "stage": stage.name, "model": BEST, "status": "done", **result})
-    accelerator.wait_for_everyone()
-    return result
+    return _Trainer(stage, cfg, Path(out_dir), run_config, progress).run(resume)

@@ -51,7 +51,8 @@ def build(name: str, config: IcotConfig, teacher: str = "", student: str = "", e
     raise ConfigError(f"unknown stage '{name}'")
 
 
-def run(name: str, config: IcotConfig, out_dir: str | Path, progress: bool = True, **deps: str) -> dict[str, Any]:
-    """Build and train stage ``name``; its output goes to ``out_dir``."""
+def run(name: str, config: IcotConfig, out_dir: str | Path, progress: bool = True, resume: bool = False,
+        **deps: str) -> dict[str, Any]:
+    """Build and train stage ``name``; its output goes to ``out_dir`` (``resume``: from its checkpoint)."""
     stage = build(name, config, **deps)
-    return train_stage(stage, getattr(config, name), out_dir, config, progress=progress)
+    return train_stage(stage, getattr(config, name), out_dir, config, progress=progress, resume=resume)

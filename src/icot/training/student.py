@@ -16,8 +16,9 @@ from icot.config import IcotConfig
 from icot.evaluation import normalize_answer
 from icot.models.student import MindReadingStudent
 from icot.tokenizer import Layout
-from icot.training.causal_lm import (answer_budget, chunks, prompts_of, teacher_forced_metrics,
+from icot.training.causal_lm import (answer_budget, chunks, exact_match, prompts_of, teacher_forced_metrics,
                                      to_device)
+from icot.training.distributed import shard
 from icot.training.frozen_teacher import PairedItem, kd_data, kd_start, paired_batch
 from icot.training.loop import Stage
 
@@ -73,19 +74,21 @@ def validate_paired(module: nn.Module, layout: Layout, items: Sequence[PairedIte
     """Teacher-forced answer loss over ``items`` and exact match of greedy answers on the first ``n_exact``.
 
     ``module(batch)`` gives logits of the no-CoT layout; ``module.answers(batch, layout, budget)`` decodes.
+    Each process scores its own shard of the items (see :mod:`icot.training.distributed`).
     """
     device = next(module.parameters()).device
-    batches = (to_device(paired_batch(c, layout.pad_id), device) for c in chunks(items, batch_size))
+    batches = (to_device(paired_batch(c, layout.pad_id), device) for c in chunks(shard(items), batch_size))
     metrics = teacher_forced_metrics(lambda b: module(b).logits, batches)
-    head = items[:n_exact]
-    budget = answer_budget([it.nocot for it in head])
+    # The budget comes from all the items, so that every process decodes as one process would.
+    budget = answer_budget([it.nocot for it in items[:n_exact]])
+    head = shard(items[:n_exact])
     correct = 0
     for chunk in chunks(head, batch_size):
         batch = to_device(paired_batch(chunk, layout.pad_id), device)
         refs = [layout.split_generation(it.nocot.ids[it.nocot.s1 + 1:], with_cot=False)[1] for it in chunk]
         answers = module.answers(batch, layout, budget)
         correct += sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, refs))
-    return {**metrics, "accuracy": correct / len(head)}
+    return {**metrics, **exact_match(correct, len(head))}
 
 
 def build(config: IcotConfig, teacher_dir: str) -> StudentStage:

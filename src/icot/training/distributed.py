@@ -1,0 +1,54 @@
+"""Work split across processes (``accelerate launch``): validation shards and cross-process sums.
+
+Under ``accelerate launch --num_processes N`` every process holds the whole validation list. Each one
+scores only its own shard (:func:`shard`: contiguous blocks whose sizes differ by at most one; a block
+may be empty) and :func:`sum_across` adds the per-process counts and sums, so every example counts
+exactly once. With one process both are identities and cost nothing.
+
+The helpers read Accelerate's process-wide state (:func:`process_state`), which the training loop's
+``Accelerator`` initialises, so a stage's ``validate`` needs no accelerator passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env, reduce
+
+T = TypeVar("T")
+
+
+def process_state() -> PartialState:
+    """Accelerate's process-wide state, set up the way an ``Accelerator`` would set it up.
+
+    ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``: created first in CPU processes started by
+    ``accelerate launch``, it would make each of them a lone main process.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def shard(items: Sequence[T]) -> Sequence[T]:
+    """This process's contiguous block of ``items`` (all of them with one process)."""
+    state = process_state()
+    n, size, rank = len(items), state.num_processes, state.process_index
+    return items[rank * n // size:(rank + 1) * n // size]
+
+
+def sum_across(values: Mapping[str, float]) -> dict[str, float]:
+    """Every process's ``values`` added key by key (the same keys on every process; a collective call)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    # float64: counts stay exact and sums of many per-token losses keep their precision.
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=state.device)
+    return dict(zip(keys, reduce(local, reduction="sum").tolist()))
+
+
+def mean_across(values: Mapping[str, float]) -> dict[str, float]:
+    """Every process's ``values`` averaged key by key (a collective call)."""
+    size = process_state().num_processes
+    return {k: v / size for k, v in sum_across(values).items()}

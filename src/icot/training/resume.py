@@ -1,0 +1,236 @@
+"""Exact-resume checkpoints of the training loop, in safetensors and JSON only.
+
+``OUT/checkpoint/`` is replaced atomically (written to a temporary directory, then renamed), so a run
+killed while saving keeps the previous checkpoint. It holds::
+
+    model.safetensors      the stage module's state (tied tensors stored once)
+    optimizer.safetensors  the optimizer's tensors, "state.{param index}.{name}"
+    rng.safetensors        every process's RNG states ("{source}" -> (processes, ...)) and the data
+                           order generator's state at the start of the current epoch
+    trainer_state.json     position (step, epoch, micro-batches consumed), counters, best metrics,
+                           elapsed time, metrics.jsonl length, optimizer param groups, scheduler,
+                           gradient scaler, and what must not change on resume (batch, seed, processes)
+
+Nothing here executes code from a file: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from icot.errors import CheckpointError
+from icot.models.lm import save_atomically
+
+CHECKPOINT = "checkpoint"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+FORMAT = 1
+# Fields a resumed run must share with the checkpoint: they fix the data order and what one step is.
+MUST_MATCH = ("stage", "num_processes", "batch_size", "grad_accum", "seed", "train_examples")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint of a stage directory, or None (reads only).
+
+    ``save_atomically`` moves the old directory aside before renaming the new one into place; a kill
+    between those two renames leaves only the old one, as ``.checkpoint.old-PID``, which counts then
+    (:func:`~icot.models.lm.recover_atomically` puts it back).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT / STATE_FILE).is_file():
+        return out_dir / CHECKPOINT
+    aside = sorted(out_dir.glob(f".{CHECKPOINT}.old-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    return aside[-1].parent if aside else None
+
+
+def remove_checkpoints(out_dir: str | Path) -> None:
+    """Delete the checkpoint of a stage directory, and what interrupted saves left (``.checkpoint.*``)."""
+    out_dir = Path(out_dir)
+    for path in [out_dir / CHECKPOINT, *out_dir.glob(f".{CHECKPOINT}.old-*"), *out_dir.glob(f".{CHECKPOINT}.tmp-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states: each process's, gathered to the main process as tensors
+
+
+def _local_rng() -> dict[str, torch.Tensor]:
+    version, internal, gauss = random.getstate()
+    if version != 3:
+        raise RuntimeError(f"unsupported Python random state version {version}")
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device
+    return states
+
+
+def _set_local_rng(states: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    has_gauss, gauss = states["python_gauss"].tolist()
+    random.setstate((3, tuple(states["python"].tolist()), gauss if has_gauss else None))
+    numpy = states["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy[:-2], dtype=np.uint32), numpy[-2], numpy[-1],
+                         float(states["numpy_gauss"][0])))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _gathered_rng(accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Every process's RNG states, ``name -> (processes, ...)`` (a collective call)."""
+    local = _local_rng()
+    if accelerator.num_processes == 1:
+        return {k: v[None] for k, v in local.items()}
+    return {k: accelerator.gather(v[None].to(accelerator.device)).cpu() for k, v in local.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer: tensors into safetensors, the rest into JSON
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            name = f"state.{index}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_checkpoint(out_dir: Path, accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], data_epoch_start: torch.Tensor) -> Path:
+    """Write ``out_dir/checkpoint`` atomically (main process only; every process must call it).
+
+    Args:
+        out_dir: the stage directory.
+        accelerator: the run's accelerator.
+        module: the unwrapped stage module.
+        optimizer, scheduler: the run's optimizer and LR scheduler.
+        trainer_state: JSON-able position, counters and metrics (see the module docstring).
+        data_epoch_start: the data order generator's state at the start of the current epoch.
+    """
+    rng = _gathered_rng(accelerator)
+    if accelerator.is_main_process:
+        tensors, optimizer_meta = _optimizer_parts(optimizer)
+        state = {"format": FORMAT, **trainer_state, "optimizer": optimizer_meta,
+                 "scheduler": scheduler.state_dict(),
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+
+        def write(tmp: Path) -> None:
+            save_model(module, str(tmp / MODEL_FILE), force_contiguous=True)
+            save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            save_file({**rng, "data_epoch_start": data_epoch_start.cpu()}, str(tmp / RNG_FILE))
+            # Written last: a checkpoint directory is complete when its trainer_state.json exists.
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+
+        save_atomically(out_dir / CHECKPOINT, write)
+    accelerator.wait_for_everyone()
+    return out_dir / CHECKPOINT
+
+
+def read_trainer_state(path: Path, expected: Mapping[str, Any]) -> dict[str, Any]:
+    """``trainer_state.json`` of checkpoint ``path``, checked against what this run must share with it.
+
+    Raises:
+        CheckpointError: naming the file and the field that is unreadable or does not match.
+    """
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"unreadable trainer state: {e}", file) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"field 'format' must be {FORMAT}", file)
+    for field in ("position", "optimizer", "scheduler"):
+        if not isinstance(state.get(field), dict):
+            raise CheckpointError(f"field '{field}' is missing or not a mapping", file)
+    for field in MUST_MATCH:
+        if state.get(field) != expected[field]:
+            raise CheckpointError(f"field '{field}' is {state.get(field)!r} but this run has {expected[field]!r}; "
+                                  "resume with the same settings, or delete the checkpoint to start afresh", file)
+    return state
+
+
+def _tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"unreadable safetensors file: {e}", file) from None
+
+
+def load_module_state(path: Path, module: nn.Module) -> None:
+    """Load ``model.safetensors`` of checkpoint ``path`` into ``module`` (in place).
+
+    Raises:
+        CheckpointError: naming the file and the first tensor that is missing, unexpected or of another shape.
+    """
+    file = path / MODEL_FILE
+    try:
+        load_model(module, str(file), strict=True, device=str(next(module.parameters()).device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"unreadable safetensors file: {e}", file) from None
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"does not fit this stage's model: {details[0] if details else e}", file) from None
+
+
+def load_training_state(path: Path, state: Mapping[str, Any], accelerator: Accelerator,
+                        optimizer: torch.optim.Optimizer, scheduler: Any) -> torch.Tensor:
+    """Restore optimizer, scheduler, gradient scaler and this process's RNG states from checkpoint ``path``.
+
+    Returns:
+        The data order generator's state at the start of the checkpoint's epoch.
+
+    Raises:
+        CheckpointError: naming the file and the field that does not fit.
+    """
+    try:
+        optimizer.load_state_dict(_optimizer_state(_tensors(path / OPTIMIZER_FILE), state["optimizer"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"field 'optimizer' does not fit this stage's parameters: {e}", path / STATE_FILE) from None
+    scheduler.load_state_dict(dict(state["scheduler"]))
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng = _tensors(path / RNG_FILE)
+    try:
+        # clone(): torch's set_rng_state misreads a row view with a storage offset (it crashed on rank 1).
+        _set_local_rng({k: v[accelerator.process_index].clone() for k, v in rng.items() if k != "data_epoch_start"})
+        return rng["data_epoch_start"].clone()
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"RNG states do not fit: {type(e).__name__}: {e}", path / RNG_FILE) from None

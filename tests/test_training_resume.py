@@ -1,0 +1,365 @@
+"""Exact resume: checkpoints every N steps, SIGKILL / SIGTERM / SIGINT mid-stage, atomic saves, bad checkpoints.
+
+Every resumed run is compared with an uninterrupted run of the same config and seed: the final weights
+to float tolerance and every logged metric. Dropout is on, so the restored RNG states matter too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from icot.cli import main
+from icot.config import save_config
+from icot.errors import TrainingInterrupted
+from icot.models.lm import load_lm_dir, read_meta, recover_atomically
+from icot.pipeline import run_stages
+from icot.training import resume as resume_module
+from icot.training import stages
+from icot.training.causal_lm import CausalLMStage
+from icot.training.loop import can_resume, stage_is_done, train_stage
+from icot.training.resume import CHECKPOINT, STATE_FILE
+
+TOLERANCE = 1e-5
+
+
+def _config(tiny_config, **teacher):
+    section = {"max_steps": 30, "eval_every": 10, "log_every": 1, "save_every": 3, "epochs": 100.0, **teacher}
+    return dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, dropout=0.1),
+                               teacher=dataclasses.replace(tiny_config.teacher, **section))
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+
+def _assert_same_records(got: list[dict], want: list[dict]) -> None:
+    assert [(r["event"], r["step"]) for r in got] == [(r["event"], r["step"]) for r in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            expected = pytest.approx(b[k], rel=TOLERANCE, abs=TOLERANCE) if isinstance(b[k], float) else b[k]
+            assert a[k] == expected, (a["event"], a["step"], k)
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())
+
+
+def _best_weights(out: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = load_lm_dir(out / "best")
+    return model.state_dict()
+
+
+def _checkpoint_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / CHECKPOINT / STATE_FILE).read_text(encoding="utf-8"))["position"]["step"]
+    except (OSError, ValueError, KeyError):
+        return None  # not there yet, or between the two renames of an atomic save
+
+
+def _interrupt_at_call(stage, call: int, signum: int = signal.SIGINT):
+    """Make the stage's ``loss`` send ``signum`` to this process at its ``call``-th call."""
+    loss, calls = stage.loss, [0]
+
+    def signalling(module, batch):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signum)
+        return loss(module, batch)
+
+    stage.loss = signalling
+
+
+def _train(config, out, resume=False, interrupt_at=0, stage_class=None):
+    stage = stage_class(config) if stage_class else stages.build("teacher", config)
+    if interrupt_at:
+        _interrupt_at_call(stage, interrupt_at)
+    result = train_stage(stage, config.teacher, out, config, progress=False, resume=resume)
+    return stage, result
+
+
+@pytest.fixture(scope="module")
+def reference(session_config, tmp_path_factory):
+    """An uninterrupted run (read only): ``(config, out_dir, final weights, result)``."""
+    config, out = _config(session_config), tmp_path_factory.mktemp("reference")
+    stage, result = _train(config, out)
+    return config, out, {k: v.clone() for k, v in stage.module.state_dict().items()}, result
+
+
+# ---------------------------------------------------------------------------------------------
+# In process: SIGINT, resume, curriculum replay, atomic saves
+
+
+def test_sigint_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(reference, tmp_path):
+    config, ref_out, ref_weights, ref_result = reference
+    out = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(config, out, interrupt_at=26)  # mid second epoch (20 steps per epoch), after the validation at 20
+    assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+    assert (info.value.signum, info.value.exit_code, info.value.step) == (signal.SIGINT, 130, 26)
+    assert _checkpoint_step(out) == 26 and can_resume(out) and not stage_is_done(out)
+
+    stage, result = _train(config, out, resume=True)
+    assert _max_difference(stage.module.state_dict(), ref_weights) <= TOLERANCE
+    assert result["steps"] == ref_result["steps"] and result["best"] == pytest.approx(ref_result["best"])
+    _assert_same_records(_records(out), _records(ref_out))
+    assert _max_difference(_best_weights(out), _best_weights(ref_out)) <= TOLERANCE
+    assert stage_is_done(out) and not (out / CHECKPOINT).exists()
+
+
+class CurriculumStage(CausalLMStage):
+    """A teacher whose optimizer is reset every 4 steps, tracking its phase the way the stepwise stage does."""
+
+    def __init__(self, config):
+        super().__init__("teacher", config, config.teacher, with_cot=True)
+        self.phase = 0
+
+    def begin_step(self, step: int) -> bool:
+        phase, changed = step // 4, step // 4 != self.phase
+        self.phase = phase
+        return changed
+
+
+def test_resume_replays_the_curriculum_and_its_optimizer_resets(session_config, tmp_path):
+    config = _config(session_config, max_steps=16, eval_every=8, grad_accum=2)
+    torch.manual_seed(0)
+    ref_stage, _ = _train(config, tmp_path / "reference", stage_class=CurriculumStage)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        _train(config, tmp_path / "run", interrupt_at=2 * 10 - 1, stage_class=CurriculumStage)  # 2 micro-batches a step
+    assert _checkpoint_step(tmp_path / "run") == 10
+    torch.manual_seed(0)
+    stage, _ = _train(config, tmp_path / "run", resume=True, stage_class=CurriculumStage)
+    assert _max_difference(stage.module.state_dict(), ref_stage.module.state_dict()) <= TOLERANCE
+    resets = [r["step"] for r in _records(tmp_path / "run") if r["event"] == "optimizer_reset"]
+    assert resets == [r["step"] for r in _records(tmp_path / "reference") if r["event"] == "optimizer_reset"]
+    assert resets == [4, 8, 12]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+    config, ref_out, ref_weights, _ = reference
+    out = tmp_path / "run"
+    real_save_file, saves = resume_module.save_file, []
+
+    def failing_on_the_third(tensors, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # the second checkpoint's optimizer file (optimizer, then rng, per checkpoint)
+            raise OSError("No space left on device")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(resume_module, "save_file", failing_on_the_third)
+    with pytest.raises(OSError, match="No space"):
+        _train(config, out)
+    monkeypatch.undo()
+    assert _checkpoint_step(out) == 3  # the first checkpoint, untouched
+    assert not list(out.glob(f".{CHECKPOINT}.*"))  # no temporary directory left behind
+    stage, _ = _train(config, out, resume=True)
+    assert _max_difference(stage.module.state_dict(), ref_weights) <= TOLERANCE
+
+
+def test_kill_between_the_renames_of_a_save_recovers_the_previous_checkpoint(reference, tmp_path):
+    config, _, ref_weights, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=7)
+    os.replace(out / CHECKPOINT, out / f".{CHECKPOINT}.old-12345")  # as if killed inside save_atomically
+    assert can_resume(out)
+    stage, _ = _train(config, out, resume=True)
+    assert _max_difference(stage.module.state_dict(), ref_weights) <= TOLERANCE
+    assert not list(out.glob(f".{CHECKPOINT}*")) and not (out / CHECKPOINT).exists()
+
+
+def test_pipeline_resumes_an_interrupted_stage(reference, tmp_path, capsys):
+    config, ref_out, _, _ = reference
+    config = dataclasses.replace(config, methods=["explicit"])
+    run_dir = tmp_path / "pipe"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, run_dir / "teacher", interrupt_at=5)
+    run_stages(config, run_dir, progress=False)
+    assert "stage teacher -> " in capsys.readouterr().out.split("(resuming from its checkpoint)")[0]
+    _assert_same_records(_records(run_dir / "teacher"), _records(ref_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the command line: a real process, SIGKILL and SIGTERM
+
+
+def _start(config_file: Path, out: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "icot.cli", "train", "teacher", "--config", str(config_file),
+                             "--out", str(out), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before it could be interrupted: "
+                                 f"{proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def long_run(session_config, tmp_path_factory):
+    """A config long enough to interrupt (80 steps), its YAML file and an uninterrupted run of it (read only)."""
+    config, directory = _config(session_config, max_steps=80, save_every=4), tmp_path_factory.mktemp("long")
+    save_config(config, directory / "long.yaml")
+    assert main(["train", "teacher", "--config", str(directory / "long.yaml"), "--out", str(directory / "ref")]) == 0
+    return directory / "long.yaml", directory / "ref"
+
+
+def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(long_run, tmp_path, capsys):
+    config_file, ref_out = long_run
+    out = tmp_path / "killed"
+    proc = _start(config_file, out)
+    _wait_for(lambda: (_checkpoint_step(out) or 0) >= 24, proc)  # in the second epoch (20 steps each)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _checkpoint_step(out)
+    assert killed_at is not None and killed_at < 80 and not stage_is_done(out)
+
+    capsys.readouterr()
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 80 and result["best"] == pytest.approx(read_meta(ref_out)["best"])
+    _assert_same_records(_records(out), _records(ref_out))
+    difference = _max_difference(_best_weights(out), _best_weights(ref_out))
+    print(f"killed at checkpoint step {killed_at}; max |weight difference| after resume: {difference:.3g}")
+    assert difference <= TOLERANCE
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(long_run, tmp_path):
+    config_file, ref_out = long_run
+    out = tmp_path / "terminated"
+    proc = _start(config_file, out, "--teacher.save_every", "0")  # the signal's checkpoint is the only one
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_bytes().count(b"\n") >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    lines = [x for x in err.splitlines() if x.startswith("icot:")]
+    assert len(lines) == 1 and "interrupted by SIGTERM at step" in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in err
+    step = _checkpoint_step(out)
+    assert step is not None and f"step {step};" in lines[0] and not stage_is_done(out)
+
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume",
+                 "--teacher.save_every", "0"]) == 0
+    _assert_same_records(_records(out), _records(ref_out))
+    assert _max_difference(_best_weights(out), _best_weights(ref_out)) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that do not fit
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icot: error: "), lines
+    return lines[0]
+
+
+def test_resume_without_a_checkpoint_is_one_line_error(reference, tmp_path, capsys):
+    config_file = tmp_path / "c.yaml"
+    save_config(reference[0], config_file)
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"), "--resume"]) == 2
+    assert f"{tmp_path / 't' / CHECKPOINT}: no checkpoint" in _one_error_line(capsys)
+
+
+def test_resume_with_another_batch_size_is_one_line_error(reference, tmp_path, capsys):
+    config, _, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    config_file = tmp_path / "c.yaml"
+    save_config(config, config_file)
+    capsys.readouterr()
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume",
+                 "--teacher.batch_size", "8"]) == 2
+    line = _one_error_line(capsys)
+    assert str(out / CHECKPOINT / STATE_FILE) in line and "'batch_size'" in line
+
+
+def test_checkpoint_of_another_model_shape_is_one_line_error(reference, tmp_path, capsys):
+    config, _, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    config_file = tmp_path / "c.yaml"
+    save_config(config, config_file)
+    capsys.readouterr()
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume",
+                 "--model.n_embd", "16"]) == 2
+    line = _one_error_line(capsys)
+    assert str(out / CHECKPOINT / "model.safetensors") in line and "transformer." in line
+
+
+def test_corrupt_trainer_state_is_one_line_error(reference, tmp_path, capsys):
+    config, _, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    (out / CHECKPOINT / STATE_FILE).write_bytes(b"\xff{not json")
+    config_file = tmp_path / "c.yaml"
+    save_config(config, config_file)
+    capsys.readouterr()
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume"]) == 2
+    assert str(out / CHECKPOINT / STATE_FILE) in _one_error_line(capsys)
+
+
+def test_each_process_gets_its_own_rng_row(reference, tmp_path):
+    """Process r restores row r of every RNG state (row 1 once crashed: a view with a storage offset)."""
+    config, _, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    path = out / CHECKPOINT
+    rng = load_file(str(path / resume_module.RNG_FILE))
+    other = torch.Generator().manual_seed(1234).get_state()
+    rng["torch"] = torch.stack([rng["torch"][0], other])  # as if written by two processes
+    rng = {k: v if k in ("torch", "data_epoch_start") else torch.cat([v, v]) for k, v in rng.items()}
+    save_file(rng, str(path / resume_module.RNG_FILE))
+    stage = stages.build("teacher", config)
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    optimizer = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    second_process = SimpleNamespace(process_index=1, scaler=None)
+    saved = torch.get_rng_state()
+    try:
+        resume_module.load_training_state(path, state, second_process, optimizer, scheduler)
+        assert torch.equal(torch.get_rng_state(), other)
+    finally:
+        torch.set_rng_state(saved)
+
+
+def test_recover_atomically_puts_back_what_an_interrupted_save_moved_aside(tmp_path):
+    best = tmp_path / "best"
+    (tmp_path / ".best.old-1").mkdir()
+    (tmp_path / ".best.old-1" / "weights").write_text("previous", encoding="utf-8")
+    (tmp_path / ".best.tmp-abc").mkdir()  # a half-written new one
+    recover_atomically(best)
+    assert (best / "weights").read_text(encoding="utf-8") == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    (tmp_path / ".best.old-2").mkdir()  # killed after the new one was in place: only the old copy goes
+    recover_atomically(best)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "weights").is_file()
