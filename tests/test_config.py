@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from icot.config import METHODS, IcotConfig, TrainConfig, load_config, parse_overrides, save_config
+from icot.config import (
+    METHODS,
+    IcotConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 from icot.errors import ConfigError
 
 

@@ -10,7 +10,12 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from icot.models.hooks import read_states
-from icot.models.teacher_states import SUBSETS, extract_teacher_states, find_separators, teacher_positions
+from icot.models.teacher_states import (
+    SUBSETS,
+    extract_teacher_states,
+    find_separators,
+    teacher_positions,
+)
 
 S1 = torch.tensor([3, 5])
 S2 = torch.tensor([10, 6])  # uneven s2 - s1: 7 and 1

@@ -14,8 +14,8 @@ from torch import nn
 
 from icot.config import load_config
 from icot.data import parse_line
-from icot.errors import ConfigError
 from icot.data.multiplication import generate_examples
+from icot.errors import ConfigError
 from icot.models.lm import load_lm_dir, read_meta
 from icot.tokenizer import IGNORE_INDEX, Layout, build_word_tokenizer
 from icot.training import stages

@@ -15,7 +15,7 @@ from icot.models.lm import read_meta
 from icot.training import stages
 from icot.training.causal_lm import lm_batch
 from icot.training.loop import model_path, train_stage
-from icot.training.stepwise import cut_encoded, remove_cot_tokens, removal_offsets
+from icot.training.stepwise import cut_encoded, removal_offsets, remove_cot_tokens
 
 
 def test_offsets_follow_exp_minus_lambda_o():

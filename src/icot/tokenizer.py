@@ -74,7 +74,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"cannot load the tokenizer: {type(e).__name__}: {first}", path) from None
     if tok.eos_token_id is None:
-        raise DataFormatError(f"tokenizer has no end-of-text (eos) token, needed as <sep>", path)
+        raise DataFormatError("tokenizer has no end-of-text (eos) token, needed as <sep>", path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

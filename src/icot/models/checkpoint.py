@@ -24,7 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icot.config import IcotConfig, save_config
 from icot.errors import CheckpointError
-from icot.models.lm import META_FILE, hidden_size, load_pretrained_lm, n_layers, read_meta, write_meta
+from icot.models.lm import (
+    META_FILE,
+    hidden_size,
+    load_pretrained_lm,
+    n_layers,
+    read_meta,
+    write_meta,
+)
 
 MODULES_FILE = "icot_modules.safetensors"
 

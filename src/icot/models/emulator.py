@@ -29,7 +29,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icot.config import IcotConfig
 from icot.errors import CheckpointError
-from icot.models.checkpoint import load_lm_checked, load_modules, module_dtype, save_lm_with_modules
+from icot.models.checkpoint import (
+    load_lm_checked,
+    load_modules,
+    module_dtype,
+    save_lm_with_modules,
+)
 from icot.models.hooks import HiddenStateEditor
 from icot.models.lm import META_FILE, hidden_size, n_layers
 from icot.models.student import position_ids_from_mask

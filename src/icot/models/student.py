@@ -18,7 +18,12 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from icot.config import IcotConfig
 from icot.evaluation import greedy_generate
-from icot.models.checkpoint import load_lm_checked, load_modules, module_dtype, save_lm_with_modules
+from icot.models.checkpoint import (
+    load_lm_checked,
+    load_modules,
+    module_dtype,
+    save_lm_with_modules,
+)
 from icot.models.hooks import HiddenStateEditor
 from icot.models.lm import hidden_size, n_layers
 from icot.tokenizer import Layout

@@ -13,8 +13,21 @@ from icot.config import IcotConfig, TrainConfig
 from icot.data import Example, read_examples
 from icot.errors import ConfigError
 from icot.evaluation import LMPredictor, evaluate, left_pad
-from icot.models.lm import build_gpt2, context_length, load_lm_dir, load_pretrained_lm, save_lm_dir
-from icot.tokenizer import IGNORE_INDEX, Encoded, Layout, build_bpe_tokenizer, build_word_tokenizer, load_tokenizer
+from icot.models.lm import (
+    build_gpt2,
+    context_length,
+    load_lm_dir,
+    load_pretrained_lm,
+    save_lm_dir,
+)
+from icot.tokenizer import (
+    IGNORE_INDEX,
+    Encoded,
+    Layout,
+    build_bpe_tokenizer,
+    build_word_tokenizer,
+    load_tokenizer,
+)
 from icot.training.distributed import shard, sum_across
 from icot.training.loop import Stage, model_path
 

@@ -7,7 +7,6 @@ and the CoT are no longer used: the result is the implicit-CoT model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ from icot.models.implicit import ImplicitModel
 from icot.models.student import MindReadingStudent
 from icot.tokenizer import Layout
 from icot.training.causal_lm import check_fits, load_split, prompts_of
-from icot.training.frozen_teacher import PairedItem, check_same_shape, paired_batch, paired_items
-from icot.training.loop import Stage, model_path
-from icot.training.student import validate_paired
+from icot.training.distill import AnswerStage, check_same_shape, paired_items
+from icot.training.loop import model_path
 
 
 class Coupled(nn.Module):
@@ -43,7 +41,7 @@ class Coupled(nn.Module):
         return [layout.split_generation(row, with_cot=False)[1] for row in new.tolist()]
 
 
-class CoupleStage(Stage):
+class CoupleStage(AnswerStage):
     """Train emulator and student together as one implicit model."""
 
     name = "couple"
@@ -66,16 +64,6 @@ class CoupleStage(Stage):
         self.train_items = paired_items(self.layout, train, config.data.train)
         check_fits([it.nocot for it in self.train_items], student.lm, config.data.train)
         self.valid_items = paired_items(self.layout, load_split(config, "valid"), config.data.valid)
-
-    def collate(self, items: Sequence[PairedItem]) -> dict[str, torch.Tensor]:
-        return paired_batch(items, self.layout.pad_id)
-
-    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return module(batch).loss, {}
-
-    def validate(self, module: nn.Module) -> dict[str, float]:
-        return validate_paired(module, self.layout, self.valid_items, self.cfg.eval_batch_size,
-                               self.cfg.eval_examples)
 
     def save(self, module: nn.Module, path: Path) -> None:
         module.implicit.save_pretrained(path, self.tokenizer, self.config)

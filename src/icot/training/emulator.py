@@ -18,8 +18,14 @@ from icot.config import IcotConfig
 from icot.models.emulator import ThoughtEmulator, component_loss, state_loss
 from icot.tokenizer import Layout
 from icot.training.causal_lm import chunks, to_device
+from icot.training.distill import (
+    FrozenTeacher,
+    PairedItem,
+    kd_data,
+    kd_start,
+    paired_batch,
+)
 from icot.training.distributed import shard, sum_across
-from icot.training.frozen_teacher import PairedItem, kd_data, kd_start, paired_batch
 from icot.training.loop import Stage
 
 

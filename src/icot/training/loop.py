@@ -43,8 +43,16 @@ from icot.config import IcotConfig, TrainConfig, save_config
 from icot.errors import CheckpointError, ConfigError, TrainingInterrupted
 from icot.models.lm import read_meta, recover_atomically, save_atomically, write_meta
 from icot.training.distributed import mean_across
-from icot.training.resume import (CHECKPOINT, STATE_FILE, checkpoint_dir, load_module_state, load_training_state,
-                                  read_trainer_state, remove_checkpoints, save_checkpoint)
+from icot.training.resume import (
+    CHECKPOINT,
+    STATE_FILE,
+    checkpoint_dir,
+    load_module_state,
+    load_training_state,
+    read_trainer_state,
+    remove_checkpoints,
+    save_checkpoint,
+)
 from icot.training.signals import StopSignals
 
 BEST = "best"

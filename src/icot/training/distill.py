@@ -1,7 +1,7 @@
-"""The frozen teacher that the student and emulator stages distil from, and their paired batches.
+"""What the distillation stages share: paired items, the frozen teacher, the answer-trained stage base.
 
 Each training item pairs the explicit layout (what the teacher reads) with the no-CoT layout of the
-same example (what the student and emulator read; they never see a CoT token).
+same example (what the student, emulator and coupled model read; they never see a CoT token).
 """
 
 from __future__ import annotations
@@ -12,17 +12,28 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icot.config import IcotConfig, KDConfig, TrainConfig
 from icot.data import Example
 from icot.errors import CheckpointError
+from icot.evaluation import normalize_answer
 from icot.models.lm import hidden_size, load_lm_dir, n_layers
 from icot.models.teacher_states import extract_teacher_states, teacher_positions
 from icot.tokenizer import Encoded, Layout
-from icot.training.causal_lm import check_fits, lm_batch, load_split, starting_lm
-from icot.training.loop import model_path
+from icot.training.causal_lm import (
+    answer_budget,
+    check_fits,
+    chunks,
+    exact_match,
+    lm_batch,
+    load_split,
+    starting_lm,
+    teacher_forced_metrics,
+    to_device,
+)
+from icot.training.distributed import shard
+from icot.training.loop import Stage, model_path
 
 
 @dataclass
@@ -115,3 +126,47 @@ def check_same_shape(reference: nn.Module, other: nn.Module, file: Path, name: s
         if size(reference) != size(other):
             raise CheckpointError(f"field '{field}': the {name} has {size(reference)} but the {other_name} has "
                                   f"{size(other)}; they must be equal", file)
+
+
+class AnswerStage(Stage):
+    """Base of the stages trained on answers over paired items (student, couple).
+
+    Subclasses set ``module`` (called on a batch, returning an LM output, with an ``answers`` method
+    for greedy decoding), ``layout``, ``cfg``, ``train_items`` and ``valid_items``.
+    """
+
+    layout: Layout
+    cfg: TrainConfig
+    valid_items: list[PairedItem]
+
+    def collate(self, items: Sequence[PairedItem]) -> dict[str, torch.Tensor]:
+        return paired_batch(items, self.layout.pad_id)
+
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return module(batch).loss, {}
+
+    def validate(self, module: nn.Module) -> dict[str, float]:
+        return validate_paired(module, self.layout, self.valid_items, self.cfg.eval_batch_size,
+                               self.cfg.eval_examples)
+
+
+def validate_paired(module: nn.Module, layout: Layout, items: Sequence[PairedItem], batch_size: int,
+                    n_exact: int) -> dict[str, float]:
+    """Teacher-forced answer loss over ``items`` and exact match of greedy answers on the first ``n_exact``.
+
+    ``module(batch)`` gives logits of the no-CoT layout; ``module.answers(batch, layout, budget)`` decodes.
+    Each process scores its own shard of the items (see :mod:`icot.training.distributed`).
+    """
+    device = next(module.parameters()).device
+    batches = (to_device(paired_batch(c, layout.pad_id), device) for c in chunks(shard(items), batch_size))
+    metrics = teacher_forced_metrics(lambda b: module(b).logits, batches)
+    # The budget comes from all the items, so that every process decodes as one process would.
+    budget = answer_budget([it.nocot for it in items[:n_exact]])
+    head = shard(items[:n_exact])
+    correct = 0
+    for chunk in chunks(head, batch_size):
+        batch = to_device(paired_batch(chunk, layout.pad_id), device)
+        refs = [layout.split_generation(it.nocot.ids[it.nocot.s1 + 1:], with_cot=False)[1] for it in chunk]
+        answers = module.answers(batch, layout, budget)
+        correct += sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, refs))
+    return {**metrics, **exact_match(correct, len(head))}
