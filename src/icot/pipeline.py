@@ -185,17 +185,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results["rows"]:
-        ax.scatter(r["examples_per_second"], 100 * r["accuracy"], s=40)
-        ax.annotate(f"{r['method']} (bs {r['batch_size']})", (r["examples_per_second"], 100 * r["accuracy"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    markers = "os^Dv<>p*h"
+    # A legend, not annotations: rows often share a point (several methods at 0%).
+    for i, r in enumerate(results["rows"]):
+        ax.scatter(r["examples_per_second"], 100 * r["accuracy"], s=50, marker=markers[i % len(markers)],
+                   label=f"{r['method']} (bs {r['batch_size']})", alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("examples / second")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(-5, 105)
     ax.set_title(Path(results["test"]).parent.name or "results")
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
