@@ -286,45 +286,39 @@ def test_resume_without_a_checkpoint_is_one_line_error(reference, tmp_path, caps
     assert f"{tmp_path / 't' / CHECKPOINT}: no checkpoint" in _one_error_line(capsys)
 
 
-def test_resume_with_another_batch_size_is_one_line_error(reference, tmp_path, capsys):
+def _interrupt_then_resume(reference, tmp_path, capsys, *overrides: str, damage=None) -> tuple[Path, str]:
+    """Interrupt a run at step 4, optionally ``damage(out)`` its checkpoint, resume through the CLI with
+    ``overrides``; the resume must fail with exit 2 and one error line, returned with the run directory."""
     config, _, _, _ = reference
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
         _train(config, out, interrupt_at=4)
+    if damage is not None:
+        damage(out)
     config_file = tmp_path / "c.yaml"
     save_config(config, config_file)
     capsys.readouterr()
-    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume",
-                 "--teacher.batch_size", "8"]) == 2
-    line = _one_error_line(capsys)
+    argv = ["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume", *overrides]
+    assert main(argv) == 2
+    return out, _one_error_line(capsys)
+
+
+def test_resume_with_another_batch_size_is_one_line_error(reference, tmp_path, capsys):
+    out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--teacher.batch_size", "8")
     assert str(out / CHECKPOINT / STATE_FILE) in line and "'batch_size'" in line
 
 
 def test_checkpoint_of_another_model_shape_is_one_line_error(reference, tmp_path, capsys):
-    config, _, _, _ = reference
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted):
-        _train(config, out, interrupt_at=4)
-    config_file = tmp_path / "c.yaml"
-    save_config(config, config_file)
-    capsys.readouterr()
-    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume",
-                 "--model.n_embd", "16"]) == 2
-    line = _one_error_line(capsys)
+    out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--model.n_embd", "16")
     assert str(out / CHECKPOINT / "model.safetensors") in line and "transformer." in line
 
 
 def test_corrupt_trainer_state_is_one_line_error(reference, tmp_path, capsys):
-    config, _, _, _ = reference
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted):
-        _train(config, out, interrupt_at=4)
-    (out / CHECKPOINT / STATE_FILE).write_bytes(b"\xff{not json")
-    config_file = tmp_path / "c.yaml"
-    save_config(config, config_file)
-    capsys.readouterr()
-    assert main(["train", "teacher", "--config", str(config_file), "--out", str(out), "--resume"]) == 2
-    assert str(out / CHECKPOINT / STATE_FILE) in _one_error_line(capsys)
+    def corrupt(out: Path) -> None:
+        (out / CHECKPOINT / STATE_FILE).write_bytes(b"\xff{not json")
+
+    out, line = _interrupt_then_resume(reference, tmp_path, capsys, damage=corrupt)
+    assert str(out / CHECKPOINT / STATE_FILE) in line
 
 
 def test_each_process_gets_its_own_rng_row(reference, tmp_path):
