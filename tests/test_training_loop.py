@@ -20,7 +20,7 @@ from icot.models.lm import load_lm_dir, read_meta
 from icot.tokenizer import IGNORE_INDEX, Layout, build_word_tokenizer
 from icot.training import stages
 from icot.training.causal_lm import lm_batch
-from icot.training.loop import Stage, model_path, stage_is_done, train_stage
+from icot.training.loop import Stage, lr_factor, model_path, stage_is_done, train_stage
 
 
 def _events(out: Path, kind: str) -> list[dict]:
@@ -325,6 +325,28 @@ def test_linear_warmup_then_constant(tiny_config, tmp_path):
     assert lrs == sorted(lrs) and lrs[0] < cfg.lr
     assert lrs[-1] == pytest.approx(cfg.lr) and lrs[4] == pytest.approx(cfg.lr)
     assert lrs[1] - lrs[0] == pytest.approx(cfg.lr / cfg.warmup_steps)  # linear
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decay_reaches_the_floor_at_the_last_step(tiny_config, tmp_path, schedule):
+    cfg = _toy_cfg(tiny_config, warmup_steps=2, log_every=1, max_steps=10, eval_every=0,
+                   lr_schedule=schedule, min_lr_ratio=0.1)
+    train_stage(ToyStage(), cfg, tmp_path, tiny_config, progress=False)
+    # The logged lr is the one the next step will use: step k logs lr_factor(k + 1).
+    lrs = [e["lr"] / cfg.lr for e in _events(tmp_path, "train")]
+    expected = [lr_factor(k + 1, cfg, 10) for k in range(10)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[1] == pytest.approx(1.0)  # warm-up done
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] == pytest.approx(0.1)
+    middle = lr_factor(6, cfg, 10)  # halfway through the decay
+    assert middle == pytest.approx(0.55)  # both schedules pass the mid-point of [0.1, 1] there
+
+
+def test_lr_schedule_is_range_checked(tiny_config):
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        _toy_cfg(tiny_config, lr_schedule="step")
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        _toy_cfg(tiny_config, min_lr_ratio=1.5)
 
 
 def test_too_few_examples_for_one_batch(tiny_config, tmp_path):

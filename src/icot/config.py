@@ -109,6 +109,9 @@ class ModelConfig:
         _check(self.bpe_vocab_size >= 300, "model.bpe_vocab_size", "must be >= 300 (256 bytes + specials)")
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """One training stage on the shared loop.
@@ -119,8 +122,11 @@ class TrainConfig:
         max_minutes: stop after this much wall time (0: no limit); validation runs before stopping.
         batch_size: examples per optimizer step across all processes (the global batch).
         grad_accum: micro-batches accumulated into one optimizer step.
-        lr, weight_decay, warmup_steps, max_grad_norm: AdamW and its schedule (linear warm-up, then
-            constant, as the papers).
+        lr, weight_decay, warmup_steps, max_grad_norm: AdamW and its warm-up (linear).
+        lr_schedule: after warm-up, ``constant`` (the papers), or ``linear``/``cosine`` decay to
+            ``min_lr_ratio * lr`` at the stage's last step (``max_steps``, else ``epochs``); a decay
+            lets a from-scratch model settle on a peak instead of oscillating around it.
+        min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
         eval_every: validate every N optimizer steps (0: only at the end).
         eval_examples: validation lines decoded for exact-match accuracy.
         eval_batch_size: batch size of validation decoding.
@@ -140,6 +146,8 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 500
     eval_examples: int = 200
@@ -167,6 +175,9 @@ class TrainConfig:
         _check(0 < self.lr < 1, f"{section}.lr", "must be in (0, 1)")
         _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps", "must be >= 0")
+        _check(self.lr_schedule in LR_SCHEDULES, f"{section}.lr_schedule",
+               "must be " + " or ".join(f"'{x}'" for x in LR_SCHEDULES))
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", "must be in [0, 1]")
         _check(self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0")
         _check(self.eval_every >= 0, f"{section}.eval_every", "must be >= 0")
         _check(self.eval_examples > 0, f"{section}.eval_examples", "must be > 0")

@@ -24,6 +24,7 @@ whether to stop, so they save and stop together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -111,8 +112,16 @@ def _score(metrics: dict[str, float]) -> tuple[float, float]:
     return metrics["accuracy"], -metrics["loss"]
 
 
-def _lr_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """The learning rate at optimizer step ``step`` as a fraction of ``cfg.lr``: linear warm-up, then
+    ``cfg.lr_schedule`` (constant, or linear/cosine decay reaching ``cfg.min_lr_ratio`` at ``total_steps``)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    decay = 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
 def _stage_status(out_dir: str | Path) -> str | None:
@@ -250,9 +259,6 @@ class _Trainer:
         stage, cfg = self.stage, self.cfg
         self.params = [p for p in stage.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Not given to Accelerate, which would step it once per process: the global batch is fixed, so
-        # one optimizer step is one scheduler step whatever the number of processes.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.warmup_steps))
         self.generator = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(list(stage.train_items), batch_size=self.micro, shuffle=True, drop_last=True,
                             collate_fn=stage.collate, generator=self.generator)
@@ -265,6 +271,10 @@ class _Trainer:
         self.total_steps = math.ceil(cfg.epochs * steps_per_epoch)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        # Not given to Accelerate, which would step it once per process: the global batch is fixed, so
+        # one optimizer step is one scheduler step whatever the number of processes.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, cfg=cfg, total_steps=self.total_steps))
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.epoch_start = load_training_state(path, state, self.accelerator, self.optimizer, self.scheduler)

@@ -1,0 +1,73 @@
+"""The benchmark scripts' measuring functions, on tiny models (the scripts themselves run on real runs)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+probe = _script("probe_teacher_states")
+profile = _script("profile_paths")
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_probe_reads_decodable_labels_and_not_noise(hidden):
+    torch.manual_seed(0)
+    x = torch.randn(2000, 16)
+    readable = (x @ torch.randn(16, 5)).argmax(-1)  # (N,) a label a linear map reads exactly
+    noise = torch.randint(0, 5, (2000,))  # (N,) independent of x
+    y = torch.stack([readable, noise], 1)  # (N, 2): two answer tokens
+    fitted = probe.fit_probe(x[:1500], y[:1500], vocab=5, steps=200, seed=0, hidden=hidden)
+    accuracy = (fitted(x[1500:]).argmax(-1) == y[1500:]).float().mean(0)  # (2,)
+    assert accuracy[0] > 0.9
+    assert accuracy[1] < 0.35  # chance is 0.2: held-out noise stays near it
+
+
+def test_probe_of_a_tiny_teacher_scores_every_answer_digit(trained_teacher, session_data):
+    train, valid = session_data
+    args = argparse.Namespace(train=str(train), test=str(valid), train_lines=200, test_lines=40, steps=20,
+                              batch_size=64, hidden=[0, 16])
+    rows = probe.probe_subset(str(trained_teacher), "diagonal", args)
+    assert [r["hidden"] for r in rows] == [0, 16]
+    for row in rows:
+        _check_row(row)
+
+
+def _check_row(row: dict) -> None:
+    assert len(row["digit_accuracy"]) == 4  # 2x2 answers have 4 digits
+    assert all(0.0 <= a <= 1.0 for a in row["digit_accuracy"])
+    assert row["answer_accuracy"] <= min(row["digit_accuracy"])
+    assert (row["train_lines"], row["test_lines"], row["features"]) == (200, 40, 2 * 32)  # L * H
+
+
+def test_probe_refuses_answers_of_different_lengths(trained_teacher, tmp_path, session_data):
+    train, _ = session_data
+    lines = train.read_text().splitlines()[:3]
+    lines.append("1 2 * 3 4||4 0 1 + 0 3 6 0 #### 4 3 7")  # a 3-digit answer among 4-digit ones
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(lines) + "\n")
+    args = argparse.Namespace(train=str(mixed), test=str(mixed), train_lines=10, test_lines=10, steps=1,
+                              batch_size=8, hidden=[0])
+    with pytest.raises(ValueError, match="different lengths"):
+        probe.probe_subset(str(trained_teacher), "diagonal", args)
+
+
+def test_profile_training_times_the_loop_and_a_bare_loop(tiny_config):
+    report = profile.profile_training(tiny_config, steps=3)
+    assert report["steps"] == 3 and report["batch_size"] == tiny_config.teacher.batch_size
+    assert report["loop_s_per_step"] > 0 and report["bare_s_per_step"] > 0
+    ratio = report["loop_s_per_step"] / report["bare_s_per_step"] - 1
+    assert report["loop_overhead"] == pytest.approx(ratio, abs=1e-3)
