@@ -31,16 +31,20 @@ from icot.training.loop import train_stage
 from icot.training.stages import build as build_stage
 
 
-def per_call_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+def median_ms(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each call in milliseconds, after two warm-up rounds.
+
+    The calls are interleaved round by round, so that load from other processes on shared cores slows
+    every one of them alike and their ratios stay meaningful.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 2):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {f"{name}_ms": round(1000 * sorted(t)[len(t) // 2], 3) for name, t in times.items()}
 
 
 def profile_training(config: IcotConfig, steps: int) -> dict:
@@ -84,14 +88,16 @@ def profile_inference(run: str, test: str, repeats: int) -> dict:
     ids, mask = left_pad([layout.prompt_ids(example.input)], layout.pad_id)  # (1, T)
     s1 = torch.tensor([ids.shape[1] - 1])
     z = model.emulator(ids, mask, s1).states  # (1, L, H)
-    return {
-        "prompt_tokens": ids.shape[1],
-        "nocot_generate_ms": per_call_ms(lambda: nocot.predict([example.input]), repeats),
-        "nocot_prefill_ms": per_call_ms(lambda: nocot.model(input_ids=ids, attention_mask=mask), repeats),
-        "implicit_generate_ms": per_call_ms(lambda: implicit.predict([example.input]), repeats),
-        "emulator_prefill_ms": per_call_ms(lambda: model.emulator(ids, mask, s1), repeats),
-        "student_prefill_ms": per_call_ms(lambda: model.student(ids, mask, s1, z), repeats),
+    calls = {
+        "nocot_generate": lambda: nocot.predict([example.input]),
+        "nocot_prefill": lambda: nocot.model(input_ids=ids, attention_mask=mask),
+        "implicit_generate": lambda: implicit.predict([example.input]),
+        "emulator_prefill": lambda: model.emulator(ids, mask, s1),
+        "student_prefill": lambda: model.student(ids, mask, s1, z),
     }
+    report = {"prompt_tokens": ids.shape[1], **median_ms(calls, repeats)}
+    report["implicit_vs_nocot_speed"] = round(report["nocot_generate_ms"] / report["implicit_generate_ms"], 3)
+    return report
 
 
 def main() -> None:

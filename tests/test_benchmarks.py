@@ -71,3 +71,11 @@ def test_profile_training_times_the_loop_and_a_bare_loop(tiny_config):
     assert report["loop_s_per_step"] > 0 and report["bare_s_per_step"] > 0
     ratio = report["loop_s_per_step"] / report["bare_s_per_step"] - 1
     assert report["loop_overhead"] == pytest.approx(ratio, abs=1e-3)
+
+
+def test_median_ms_interleaves_the_calls_and_skips_warm_up():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    report = profile.median_ms(calls, repeats=3)
+    assert order == ["a", "b"] * 5  # 2 warm-up rounds, then 3 measured ones, a and b alternating
+    assert set(report) == {"a_ms", "b_ms"} and all(v >= 0 for v in report.values())

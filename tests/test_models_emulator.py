@@ -116,6 +116,43 @@ def test_written_vector_reaches_later_layers(arch, monkeypatch):
     assert (seen[1] - plain[:, 1]).abs().amax(dim=-1).min() > 1e-4  # block 0 computed on the written vector
 
 
+def _reference_writes(emulator: ThoughtEmulator, own_states: list[torch.Tensor]) -> list[torch.Tensor]:
+    """METHOD.md's recurrence with ``nn.LSTM`` run one layer at a time, from the states read at ``s1``."""
+    writes, keys, state = [], [], None
+    context = torch.zeros_like(own_states[0])  # (B, H) c_{-1}
+    for layer, h in enumerate(own_states):
+        m = emulator.mixture.weight.expand(h.shape[0], -1)  # K = 1
+        z_hat = emulator.mlps[layer](torch.cat([h, m], dim=-1))
+        out, state = emulator.rnn((z_hat + context)[None], state)
+        out = out[0]  # (B, H) o_l
+        if keys:
+            past = torch.stack(keys, dim=1)  # (B, l, H)
+            scores = torch.einsum("bjh,bh->bj", past, emulator.query_proj(out))
+            context = torch.einsum("bj,bjh->bh", scores.softmax(-1), past)
+        keys.append(emulator.key_proj(out))
+        writes.append(emulator.out_proj(torch.cat([out, context], dim=-1)))
+    return writes
+
+
+def test_recurrence_equals_nn_lstm_over_layers(arch, monkeypatch):
+    emulator = make_emulator(arch, n_layer=4)
+    input_ids, mask, s1 = batch()
+    own, written = [], []
+    step = emulator._step
+
+    def record(layer, cur, components, rec):
+        own.append(cur.clone())
+        written.append(step(layer, cur, components, rec))
+        return written[-1]
+
+    monkeypatch.setattr(emulator, "_step", record)
+    with torch.no_grad():
+        emulator(input_ids, mask, s1)
+        expected = _reference_writes(emulator, own)
+    for layer in range(4):
+        torch.testing.assert_close(written[layer], expected[layer], rtol=1e-5, atol=1e-6)
+
+
 def test_ignores_tokens_after_s1(arch):
     emulator = make_emulator(arch)
     input_ids, mask, s1 = batch()

@@ -192,9 +192,15 @@ def test_once_edits_only_the_prefill_of_generate(model, batch):
         shapes.append(cur.shape)
         return vs[layer]
 
+    def hooks() -> int:
+        return sum(len(block._forward_pre_hooks) for block in find_blocks(model))
+
+    assert hooks() == 0  # an idle editor costs the model nothing
     with editor.edit(positions, fn, once=True):
+        assert hooks() == L
         generated = _generate(model, input_ids, attention_mask)
         assert not editor.armed  # disarmed by the prefill, still inside the context
+        assert hooks() == 0  # and its hooks are gone: the decoding steps run the plain model
     assert len(shapes) == L  # one call per block: the prefill only, never the (B, 1, H) decoding steps
 
     # Reference without a cache: greedy decoding where every full forward gets the same edit at the same positions,
@@ -225,10 +231,14 @@ def test_editor_idle_after_context(model, batch):
         with editor.edit(torch.tensor([1, 1]), lambda layer, cur: torch.zeros_like(cur), once=True):
             pass  # armed but never used: exiting still disarms
         assert not editor.armed
+        assert all(len(block._forward_pre_hooks) == 0 for block in find_blocks(model))
         idle = model(input_ids, attention_mask=attention_mask).logits
     assert torch.equal(idle, plain)
     editor.close()
     assert all(len(block._forward_pre_hooks) == 0 for block in find_blocks(model))
+    with pytest.raises(RuntimeError, match="closed"):
+        with editor.edit(torch.tensor([1, 1]), lambda layer, cur: cur):
+            pass
 
 
 def test_position_outside_sequence_raises(model, batch):

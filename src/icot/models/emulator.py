@@ -188,8 +188,14 @@ class ThoughtEmulator(nn.Module):
         rec.states.append(z_hat)
 
         context = rec.context if rec.context is not None else torch.zeros_like(z_hat)  # (B, H) c_{l-1}
-        out, rec.lstm_state = self.rnn((z_hat + context)[None], rec.lstm_state)  # (1, B, H): one step over layers
-        out = out[0]  # (B, H) o_l
+        if rec.lstm_state is None:
+            rec.lstm_state = (torch.zeros_like(z_hat), torch.zeros_like(z_hat))  # nn.LSTM's zero start
+        # One step over layers with the LSTM's own weights: the fused cell costs a fraction of nn.LSTM's
+        # per-call overhead, which dominated the emulator's prefill at batch 1.
+        rnn = self.rnn
+        rec.lstm_state = torch.lstm_cell(z_hat + context, rec.lstm_state, rnn.weight_ih_l0, rnn.weight_hh_l0,
+                                         rnn.bias_ih_l0, rnn.bias_hh_l0)
+        out = rec.lstm_state[0]  # (B, H) o_l
         key = self.key_proj(out)  # (B, H)
         if rec.keys:
             past = torch.stack(rec.keys, dim=1)  # (B, l, H) keys of layers 0..l-1, also the values

@@ -1,9 +1,10 @@
 """Read and write the hidden states entering each decoder block, on any HF decoder-only causal LM.
 
 This is the one mechanism every ICoT model uses (teacher reading, student and emulator writing): a forward
-pre-hook on every decoder block, idle unless armed. No modeling file is forked, so any architecture whose blocks
-``find_blocks`` locates works unchanged, including under gradient checkpointing (transformers 5 checkpoints a
-block's ``forward``, not its ``__call__``, so the pre-hooks run once, outside the checkpoint).
+pre-hook on every decoder block, registered only while an edit is armed. No modeling file is forked, so any
+architecture whose blocks ``find_blocks`` locates works unchanged, including under gradient checkpointing
+(transformers 5 checkpoints a block's ``forward``, not its ``__call__``, so the pre-hooks run once, outside the
+checkpoint).
 
 Conventions: ``B`` batch, ``T`` sequence length, ``H`` hidden size, ``L`` number of blocks. ``h[l]`` is the input of
 block ``l``, the same tensor as ``output_hidden_states[l]`` for ``l = 0..L-1`` when nothing is edited.
@@ -95,8 +96,9 @@ class _Edit:
 class HiddenStateEditor:
     """Forward pre-hooks on every decoder block that read and write ``h[l]`` at one position per batch row.
 
-    The hooks are idle (a single attribute check) unless armed with :meth:`edit`. Use one editor per model; close it
-    (or use it as a context manager) to remove the hooks.
+    The hooks exist only while armed by :meth:`edit` (a ``once`` edit removes them as soon as its forward pass is
+    done), so unedited passes, such as ``generate``'s cached decoding steps, run at the model's own speed. Use one
+    editor per model; close it (or use it as a context manager) when done.
 
     Args:
         model: a Hugging Face decoder-only model; its blocks are found by :func:`find_blocks`.
@@ -107,10 +109,20 @@ class HiddenStateEditor:
         self.blocks = find_blocks(model)
         self.n_layers = len(self.blocks)
         self._edit: _Edit | None = None
+        self._closed = False
+        self._handles: list = []  # the registered hooks, present only while an edit is armed
+
+    def _attach(self) -> None:
         self._handles = [
             block.register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
             for layer, block in enumerate(self.blocks)
         ]
+
+    def _detach(self) -> None:
+        # Safe inside a hook: a module copies its hook dict before iterating over it.
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @property
     def armed(self) -> bool:
@@ -139,7 +151,7 @@ class HiddenStateEditor:
             RuntimeError: if the editor is already armed or closed.
             ValueError: if ``positions`` is not a (B,) integer tensor of non-negative values.
         """
-        if self._handles is None:
+        if self._closed:
             raise RuntimeError("HiddenStateEditor is closed")
         if self._edit is not None:
             raise RuntimeError("HiddenStateEditor is already armed: nested edit() contexts are not supported")
@@ -153,18 +165,18 @@ class HiddenStateEditor:
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got min {lo}")
         self._edit = _Edit(positions=positions, fn=fn, once=once, max_position=hi)
+        self._attach()
         try:
             yield self
         finally:
             self._edit = None
+            self._detach()
 
     def close(self) -> None:
-        """Remove the hooks; the model runs as if no editor had existed."""
-        if self._handles is not None:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = None
+        """Disarm and refuse further edits; the model runs as if no editor had existed."""
+        self._closed = True
         self._edit = None
+        self._detach()
 
     def __enter__(self) -> HiddenStateEditor:
         return self
@@ -207,8 +219,10 @@ class HiddenStateEditor:
                 "during generate(), arm the editor with once=True so that only the prefill is edited"
             )
         if edit.once and layer == self.n_layers - 1:
-            # Disarm before calling fn so that an exception in fn cannot leave a once-edit armed for decoding.
+            # Disarm before calling fn so that an exception in fn cannot leave a once-edit armed for decoding,
+            # and drop the hooks so that the decoding steps pay nothing for them.
             self._edit = None
+            self._detach()
 
         positions = edit.positions.to(h.device)  # (B,)
         rows = torch.arange(B, device=h.device)  # (B,)
