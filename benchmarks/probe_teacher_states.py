@@ -1,15 +1,15 @@
-"""How much of the answer do the teacher states hold? A linear probe per answer digit.
+"""How much of the answer do the teacher states hold? A probe per answer digit.
 
 ICoT-KD's student (and hence the coupled model) only sees the L vectors ``z`` the teacher leaves at
 its diagonal (METHOD.md, step 1). This fits, for each answer token position, a softmax regression
-from the concatenated ``z`` (L*H features) to that token, on training lines, and scores it on a
-test file. The ``first_column`` subset reads the teacher at ``s1`` only, before any CoT token: it is
+(or, with ``--hidden``, one shared ReLU layer and a softmax head per token) from the concatenated ``z``
+(L*H features) to that token, on training lines, and scores it on a test file. The ``first_column`` subset reads the teacher at ``s1`` only, before any CoT token: it is
 the no-CoT control. A digit the diagonal's probe reads far better than the control's is handed to the
 student; a digit neither reads is one the student must compute itself, as a no-CoT model would.
 
-    python benchmarks/probe_teacher_states.py --teacher runs/mult-4x4/teacher \
+    python benchmarks/probe_teacher_states.py --teacher runs/t4/teacher3 \
         --train runs/mult-4x4/data/train.txt --test ../shared/data/mult/4x4/valid.txt \
-        --out results/mult-4x4/probe_teacher_states.json
+        --out results/mult-4x4/probe_teacher_states.json --subsets diagonal first_column --hidden 0 256
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--train-lines", type=int, default=20000)
     ap.add_argument("--test-lines", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=300, help="Adam steps per probe")
-    ap.add_argument("--hidden", type=int, nargs="+", default=[0, 512],
+    ap.add_argument("--hidden", type=int, nargs="+", default=[0, 256],
                     help="widths of the probes' ReLU layer, one probe each (0: linear)")
     ap.add_argument("--batch-size", type=int, default=500)
     args = ap.parse_args()
