@@ -15,7 +15,6 @@ student; a digit neither reads is one the student must compute itself, as a no-C
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from icot.config import KDConfig
 from icot.data import read_examples
+from icot.evaluation import write_json
 from icot.tokenizer import Layout
 from icot.training.distill import FrozenTeacher, paired_batch, paired_items
 
@@ -103,8 +103,7 @@ def main() -> None:
     rows = [row for s in args.subsets for row in probe_subset(args.teacher, s, args)]
     report = {"teacher": args.teacher, "train": args.train, "test": args.test, "rows": rows,
               "seconds": round(time.monotonic() - start, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, args.out)
     for r in rows:
         print(f"{r['subset']:>13} hidden {r['hidden']:>4}: answer {r['answer_accuracy']:.1%}  digits "
               + " ".join(f"{a:.2f}" for a in r["digit_accuracy"]))

@@ -26,7 +26,7 @@ import torch
 
 from icot.config import IcotConfig, load_config
 from icot.data import read_examples
-from icot.evaluation import left_pad, load_predictor
+from icot.evaluation import left_pad, load_predictor, write_json
 from icot.training.loop import train_stage
 from icot.training.stages import build as build_stage
 
@@ -112,8 +112,7 @@ def main() -> None:
     report = {"threads": torch.get_num_threads(),
               "training": profile_training(config, args.steps),
               "inference": profile_inference(args.run, config.data.test, args.repeats)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, args.out)
     print(json.dumps(report, indent=2))
 
 
