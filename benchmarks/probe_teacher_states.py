@@ -3,9 +3,10 @@
 ICoT-KD's student (and hence the coupled model) only sees the L vectors ``z`` the teacher leaves at
 its diagonal (METHOD.md, step 1). This fits, for each answer token position, a softmax regression
 (or, with ``--hidden``, one shared ReLU layer and a softmax head per token) from the concatenated ``z``
-(L*H features) to that token, on training lines, and scores it on a test file. The ``first_column`` subset reads the teacher at ``s1`` only, before any CoT token: it is
-the no-CoT control. A digit the diagonal's probe reads far better than the control's is handed to the
-student; a digit neither reads is one the student must compute itself, as a no-CoT model would.
+(L*H features) to that token, on training lines, and scores it on a test file. The ``first_column``
+subset reads the teacher at ``s1`` only, before any CoT token: it is the no-CoT control. A digit the
+diagonal's probe reads far better than the control's is handed to the student; a digit neither reads
+is one the student must compute itself, as a no-CoT model would.
 
     python benchmarks/probe_teacher_states.py --teacher runs/t4/teacher3 \
         --train runs/mult-4x4/data/train.txt --test ../shared/data/mult/4x4/valid.txt \

@@ -185,11 +185,9 @@ class HiddenStateEditor:
         self.close()
 
     def _make_hook(self, layer: int):
+        # Registered only while an edit is armed (see _attach/_detach), so there is always an edit to apply.
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            edit = self._edit
-            if edit is None:
-                return None
-            return self._apply(layer, module, edit, args, kwargs)
+            return self._apply(layer, module, self._edit, args, kwargs)
 
         return hook
 
