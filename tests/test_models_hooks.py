@@ -40,6 +40,11 @@ def tiny_llama() -> LlamaForCausalLM:
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
+def hook_count(model: nn.Module) -> int:
+    """Forward pre-hooks registered on the model's decoder blocks."""
+    return sum(len(block._forward_pre_hooks) for block in find_blocks(model))
+
+
 @pytest.fixture(params=sorted(BUILDERS))
 def model(request):
     torch.manual_seed(0)
@@ -66,7 +71,7 @@ def test_read_states_equals_output_hidden_states(model, batch):
         expected = hidden[layer][torch.arange(2), positions]  # (B, H)
         torch.testing.assert_close(states[:, layer], expected, rtol=0, atol=0)
     # The temporary editor of read_states(model, ...) is gone.
-    assert all(len(block._forward_pre_hooks) == 0 for block in find_blocks(model))
+    assert hook_count(model) == 0
 
 
 def test_read_states_with_editor(model, batch):
@@ -192,15 +197,12 @@ def test_once_edits_only_the_prefill_of_generate(model, batch):
         shapes.append(cur.shape)
         return vs[layer]
 
-    def hooks() -> int:
-        return sum(len(block._forward_pre_hooks) for block in find_blocks(model))
-
-    assert hooks() == 0  # an idle editor costs the model nothing
+    assert hook_count(model) == 0  # an idle editor costs the model nothing
     with editor.edit(positions, fn, once=True):
-        assert hooks() == L
+        assert hook_count(model) == L
         generated = _generate(model, input_ids, attention_mask)
         assert not editor.armed  # disarmed by the prefill, still inside the context
-        assert hooks() == 0  # and its hooks are gone: the decoding steps run the plain model
+        assert hook_count(model) == 0  # and its hooks are gone: the decoding steps run the plain model
     assert len(shapes) == L  # one call per block: the prefill only, never the (B, 1, H) decoding steps
 
     # Reference without a cache: greedy decoding where every full forward gets the same edit at the same positions,
@@ -231,11 +233,11 @@ def test_editor_idle_after_context(model, batch):
         with editor.edit(torch.tensor([1, 1]), lambda layer, cur: torch.zeros_like(cur), once=True):
             pass  # armed but never used: exiting still disarms
         assert not editor.armed
-        assert all(len(block._forward_pre_hooks) == 0 for block in find_blocks(model))
+        assert hook_count(model) == 0
         idle = model(input_ids, attention_mask=attention_mask).logits
     assert torch.equal(idle, plain)
     editor.close()
-    assert all(len(block._forward_pre_hooks) == 0 for block in find_blocks(model))
+    assert hook_count(model) == 0
     with pytest.raises(RuntimeError, match="closed"):
         with editor.edit(torch.tensor([1, 1]), lambda layer, cur: cur):
             pass
