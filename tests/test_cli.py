@@ -10,7 +10,7 @@ import pytest
 from icot.cli import main
 from icot.config import load_config, save_config
 from icot.data import read_examples, read_inputs
-from icot.evaluation import load_predictor
+from icot.evaluation import decode_device, load_predictor
 from icot.models.lm import read_meta
 from icot.training.loop import stage_is_done
 
@@ -103,6 +103,13 @@ def test_train_eval_predict(config_file, tiny_config, tmp_path, capsys):
     assert 0.0 <= written["accuracy"] <= 1.0 and written["examples_per_second"] > 0
     assert written["accuracy"] == pytest.approx(written["correct"] / 5)
     assert (written["model"], written["data"]) == (str(out), valid)
+    assert written["device"] == str(decode_device("auto")) and written["dtype"] == "float32"
+    assert main(["eval", "--model", str(out), "--data", valid, "--limit", "2", "--device", "cpu", "--dtype",
+                 "bfloat16"]) == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k in ("device", "dtype")} == \
+        {"device": "cpu", "dtype": "bfloat16"}
+    assert main(["eval", "--model", str(out), "--data", valid, "--device", "gpu0"]) == 2
+    assert "'gpu0', which is not a torch device" in capsys.readouterr().err
 
     inputs = [ex.input for ex in read_examples(valid)[:2]]
     expected = load_predictor(str(out), max_new_tokens=20).predict(inputs)

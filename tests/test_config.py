@@ -179,6 +179,12 @@ def test_out_of_range_training_field_is_rejected():
             load_config(None, {"teacher": values})
 
 
+def test_eval_dtype_is_checked():
+    assert load_config(None, {"eval": {"dtype": "bfloat16"}}).eval.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="eval.dtype"):
+        load_config(None, {"eval": {"dtype": "fp8"}})
+
+
 @pytest.mark.parametrize("name", ["yes", "010", "null"])
 def test_string_override_keeps_raw_text(name):
     assert load_config(None, ["--data.test", name]).data.test == name

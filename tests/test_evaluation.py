@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from icot.data import Example, read_examples
-from icot.errors import CheckpointError
+from icot.errors import CheckpointError, ConfigError
 from icot.evaluation import (
     LMPredictor,
     Prediction,
     StopAfterEos,
+    decode_device,
     evaluate,
     greedy_generate,
     left_pad,
@@ -21,6 +22,7 @@ from icot.evaluation import (
 )
 from icot.models.lm import load_lm_dir
 from icot.tokenizer import Layout
+from icot.training.distributed import process_state
 
 EOS = 0
 
@@ -167,6 +169,26 @@ def test_load_predictor_on_stage_and_model_dirs(trained_teacher, trained_nocot, 
         model.eval()
         direct = LMPredictor(model, Layout(tokenizer), with_cot, max_new_tokens=20)
         assert from_stage.predict(inputs) == from_model.predict(inputs) == direct.predict(inputs)
+
+
+def test_load_predictor_places_the_weights(trained_teacher, session_config):
+    inputs = [ex.input for ex in _inputs(session_config, 6)]
+    full = load_predictor(str(trained_teacher), max_new_tokens=20, device="cpu")
+    half = load_predictor(str(trained_teacher), max_new_tokens=20, device="cpu", dtype="bfloat16")
+    assert {(p.device.type, p.dtype) for p in full.model.parameters()} == {("cpu", torch.float32)}
+    assert {(p.device.type, p.dtype) for p in half.model.parameters()} == {("cpu", torch.bfloat16)}
+    # The trained teacher is confident enough that bfloat16 rounding changes none of its greedy choices.
+    assert half.predict(inputs) == full.predict(inputs)
+
+
+def test_decode_device_resolves_auto_and_refuses_what_is_not_there():
+    assert decode_device("auto") == process_state().device
+    assert decode_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="eval.device.*not a torch device"):
+        decode_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no cuda device"):
+            decode_device("cuda:0")
 
 
 def test_load_predictor_refuses_other_kinds(tmp_path):

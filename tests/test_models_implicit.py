@@ -125,9 +125,13 @@ def test_save_load_round_trip(model, tokenizer, tmp_path):
     assert loaded.tokenizer is not None
     assert ImplicitPredictor(loaded, MAX_NEW).predict(inputs) == expected
     # The evaluation entry point loads the same thing.
-    predictor = load_predictor(str(tmp_path), max_new_tokens=MAX_NEW)
+    predictor = load_predictor(str(tmp_path), max_new_tokens=MAX_NEW, device="cpu")
     assert isinstance(predictor, ImplicitPredictor)
     assert predictor.predict(inputs) == expected
+    # In bfloat16 the emulated states written into the student are bfloat16 too: decoding runs through.
+    half = load_predictor(str(tmp_path), max_new_tokens=MAX_NEW, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert [len(p.answer.split()) > 0 for p in half.predict(inputs)] == [True] * len(inputs)
 
 
 def test_load_rejects_a_missing_part(model, tokenizer, tmp_path):

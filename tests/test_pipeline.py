@@ -6,6 +6,9 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from icot.cli import main
 from icot.config import load_config
 from icot.pipeline import results_markdown, stages_for
@@ -53,6 +56,12 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert "stage couple: already done" not in out
     again = json.loads((run / "results.json").read_text())
     assert again["stages"]["teacher"]["skipped"] and not again["stages"]["couple"]["skipped"]
+    # The cost of the whole run counts the reused stages' own seconds, not only this invocation's.
+    stage_seconds = sum(s["seconds"] for s in again["stages"].values())
+    assert stage_seconds > again["stages"]["couple"]["seconds"] > 0
+    assert again["compute_seconds"] == pytest.approx(stage_seconds + again["eval_seconds"])
+    assert again["machine"]["dtype"] == "float32"
+    assert again["machine"]["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
 def test_results_markdown_ratio_to_nocot():
@@ -61,6 +70,13 @@ def test_results_markdown_ratio_to_nocot():
                "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc", "machine": {"cpu_count": 2, "device": "cpu"}}
     table = results_markdown(results)
     assert "| icot-kd | 100.0% | 40.0 | 1 | 0.80x |" in table
+    assert "Time:" not in table and "weights" not in table  # results written before those fields existed
+
+    results.update(eval_seconds=120.0, compute_seconds=720.0, wall_seconds=300.0,
+                   machine={"cpu_count": 16, "device": "NVIDIA H200", "dtype": "bfloat16"})
+    table = results_markdown(results)
+    assert "device NVIDIA H200 (bfloat16 weights)." in table
+    assert "Time: stages 10.0 min + evaluation 2.0 min = 12.0 min; this invocation's wall time 5.0 min." in table
 
 
 def test_configs_in_repo_load():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -396,3 +397,24 @@ def test_validation_lines_longer_than_the_context_are_refused(tiny_config, tmp_p
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, valid=str(longer)))
     with pytest.raises(ConfigError, match=str(longer)):
         stages.build("teacher", config)
+
+
+def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_config, tmp_path):
+    """``mixed_precision: bf16`` (on CPU here, on the GPU where there is one): matrix products run in
+    bfloat16 under autocast while the weights, their updates and the saved model stay float32."""
+    config = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mixed_precision="bf16"))
+    torch.manual_seed(0)
+    stage = stages.build("teacher", config)
+    before = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
+    seen: set[torch.dtype] = set()
+    stage.module.transformer.h[0].mlp.c_fc.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+
+    result = train_stage(stage, config.teacher, tmp_path, config, progress=False)
+
+    assert torch.bfloat16 in seen
+    assert result["steps"] == config.teacher.max_steps
+    assert all(math.isfinite(e["loss"]) for e in _events(tmp_path, "train"))
+    model, _, _ = load_lm_dir(model_path(tmp_path))
+    after = model.state_dict()
+    assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float32}
+    assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])

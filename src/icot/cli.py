@@ -57,13 +57,15 @@ def _is_main_process() -> bool:
 
 def _eval(args: argparse.Namespace) -> None:
     from icot.data import read_examples
-    from icot.evaluation import check_inputs, evaluate, load_predictor, write_json
+    from icot.evaluation import check_inputs, decode_device, evaluate, load_predictor, write_json
 
-    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
+    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
+                               dtype=args.dtype)
     examples = read_examples(args.data, allow_empty_cot=True)
     check_inputs(predictor, [ex.input for ex in examples[: args.limit or None]], args.data)
     result = evaluate(predictor, examples, batch_size=args.batch_size, limit=args.limit)
-    result = {"model": args.model, "data": args.data, **result}
+    result = {"model": args.model, "data": args.data, "device": str(decode_device(args.device)), "dtype": args.dtype,
+              **result}
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(result, args.json)
@@ -72,7 +74,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from icot.evaluation import check_inputs, load_predictor
 
-    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens)
+    predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
+                               dtype=args.dtype)
     check_inputs(predictor, args.inputs)
     for text, pred in zip(args.inputs, predictor.predict(args.inputs)):
         if pred.cot:
@@ -86,6 +89,13 @@ def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
 
     config = load_config(args.config, overrides)
     run_pipeline(config, args.out)
+
+
+def _decode_flags(parser: argparse.ArgumentParser) -> None:
+    from icot.config import EVAL_DTYPES
+
+    parser.add_argument("--device", default="auto", help="where to decode: auto (a GPU when there is one), cpu, cuda, ...")
+    parser.add_argument("--dtype", default="float32", choices=EVAL_DTYPES, help="the weights' dtype while decoding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--json", help="also write the result here")
+    _decode_flags(ev)
 
     pr = sub.add_parser("predict", help="answer inputs")
     pr.add_argument("--model", required=True)
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
+    _decode_flags(pr)
 
     pipe = sub.add_parser("pipeline", help="teacher -> student -> emulator -> couple, no-CoT baseline, evaluation")
     pipe.add_argument("config", help="YAML config")

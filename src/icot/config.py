@@ -251,6 +251,9 @@ class StepwiseConfig:
         _check(self.remove_all_when_remove_beyond >= 0, "si.remove_all_when_remove_beyond", "must be >= 0")
 
 
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class EvalConfig:
     """Final evaluation.
@@ -260,18 +263,24 @@ class EvalConfig:
         batched_size: a second, batched measurement (0: skip).
         limit: evaluate the first N test lines (0: all).
         max_new_tokens: decoding budget per example.
+        device: where the models decode: ``auto`` (Accelerate's device: a GPU when there is one), ``cpu``,
+            ``cuda``, ``cuda:1``, ...
+        dtype: weights' dtype while decoding: ``float32``, ``bfloat16`` or ``float16``.
     """
 
     batch_size: int = 1
     batched_size: int = 256
     limit: int = 0
     max_new_tokens: int = 256
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(self.batched_size >= 0, "eval.batched_size", "must be >= 0")
         _check(self.limit >= 0, "eval.limit", "must be >= 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+        _check(self.dtype in EVAL_DTYPES, "eval.dtype", f"must be one of {', '.join(EVAL_DTYPES)}")
 
 
 METHODS = ("nocot", "explicit", "icot-kd", "icot-si")

@@ -183,26 +183,56 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "evaluate", "predict_all", "left_pad", "greedy_generate",
-           "StopAfterEos", "check_inputs", "normalize_answer", "write_json"]
+           "StopAfterEos", "check_inputs", "normalize_answer", "write_json", "decode_device", "load_predictor"]
 
 
-def load_predictor(path: str, max_new_tokens: int = 256) -> Predictor:
-    """The predictor of a model or stage directory: a causal LM (explicit or no-CoT) or an implicit model."""
+def decode_device(name: str = "auto") -> torch.device:
+    """The device that ``eval.device`` names; ``auto`` is Accelerate's (a GPU when the process has one).
+
+    Raises:
+        ConfigError: for a name torch does not know or a device this machine lacks.
+    """
+    from icot.errors import ConfigError
+    from icot.training.distributed import process_state
+
+    if name == "auto":
+        return process_state().device
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"field 'eval.device' is '{name}', which is not a torch device (auto, cpu, cuda, cuda:1, "
+                          "mps, ...)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ConfigError(f"field 'eval.device' is '{name}', but torch sees no {device.type} device here")
+    return device
+
+
+def load_predictor(path: str, max_new_tokens: int = 256, device: str = "auto", dtype: str = "float32") -> Predictor:
+    """The predictor of a model or stage directory: a causal LM (explicit or no-CoT) or an implicit model.
+
+    Args:
+        path: a model directory, or a stage directory (its best model, else its final one).
+        max_new_tokens: decoding budget per example.
+        device: where to decode (:func:`decode_device`).
+        dtype: the weights' dtype while decoding (``float32``, ``bfloat16``, ``float16``).
+    """
     from icot.errors import CheckpointError
     from icot.models.lm import load_lm_dir, read_meta
     from icot.training.loop import model_path
 
     directory = model_path(path)
     meta = read_meta(directory)
+    place = {"device": decode_device(device), "dtype": getattr(torch, dtype)}
     if meta["kind"] == "lm":
         model, tokenizer, meta = load_lm_dir(directory)
-        model.eval()
+        model.to(**place).eval()
         return LMPredictor(model, Layout(tokenizer), meta.get("layout") == "explicit", max_new_tokens)
     if meta["kind"] == "implicit":
         from icot.models.implicit import ImplicitModel, ImplicitPredictor
 
         model = ImplicitModel.from_pretrained(directory)
-        model.eval()
+        model.to(**place).eval()
         return ImplicitPredictor(model, max_new_tokens)
     raise CheckpointError(f"field 'kind' is '{meta['kind']}': only 'lm' and 'implicit' models answer questions",
                           directory)

@@ -25,7 +25,7 @@ from icot.config import IcotConfig, load_config
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
 from icot.errors import ConfigError
-from icot.evaluation import check_inputs, evaluate, load_predictor
+from icot.evaluation import check_inputs, decode_device, evaluate, load_predictor
 from icot.training import stages
 from icot.training.distributed import process_state
 from icot.training.loop import can_resume, stage_is_done
@@ -129,7 +129,8 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -
     rows = []
     for method in config.methods:
         row_name, stage = METHOD_ROWS[method]
-        predictor = load_predictor(str(run_dir / STAGE_DIRS[stage]), config.eval.max_new_tokens)
+        predictor = load_predictor(str(run_dir / STAGE_DIRS[stage]), config.eval.max_new_tokens, config.eval.device,
+                                   config.eval.dtype)
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
         sizes = [(row_name, config.eval.batch_size)]
         if config.eval.batched_size:
@@ -150,11 +151,16 @@ def _commit() -> str:
         return "unknown"
 
 
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
+def machine(device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """Where the numbers were measured: the machine, and the device and dtype the models decoded with."""
+    place = decode_device(device)
+    name = torch.cuda.get_device_name(place) if place.type == "cuda" else place.type
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "torch": torch.__version__, "device": name, "dtype": dtype}
+
+
+def _dtype_note(dtype: str) -> str:
+    return "" if dtype == "float32" else f" ({dtype} weights)"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -163,7 +169,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     base = {r["batch_size"]: r["examples_per_second"] for r in rows if r["method"].startswith("no-cot")}
     lines = [f"Test file: `{results['test']}` (n = {rows[0]['n'] if rows else 0}); seed {results['seed']}; "
              f"commit `{results['commit'][:12]}`; {results['machine']['cpu_count']} CPU cores, "
-             f"device {results['machine']['device']}.", "",
+             f"device {results['machine']['device']}"
+             f"{_dtype_note(results['machine'].get('dtype', 'float32'))}.", "",
              "| method | accuracy | examples/s | batch size | speed vs no-CoT |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = r["examples_per_second"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
@@ -175,6 +182,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k in ("accuracy", "loss"))
         skipped = " (reused)" if s.get("skipped") else ""
         lines.append(f"| {name}{skipped} | {(s.get('seconds') or 0) / 60:.1f} | {s.get('steps')} | {s.get('examples')} | {shown} |")
+    if "compute_seconds" in results:  # results written before these fields existed lack them
+        stage_seconds = results["compute_seconds"] - results["eval_seconds"]
+        lines += ["", f"Time: stages {stage_seconds / 60:.1f} min + evaluation {results['eval_seconds'] / 60:.1f} min "
+                      f"= {results['compute_seconds'] / 60:.1f} min; this invocation's wall time "
+                      f"{results['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -216,10 +228,16 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     stage_report = run_stages(config, run_dir, progress)
     if not state.is_main_process:
         return {}
+    eval_start = time.monotonic()
     rows = evaluate_methods(config, run_dir, progress)
+    eval_seconds = time.monotonic() - eval_start
+    # wall_seconds is this invocation only; a resumed or partly reused run's cost is its stages' own
+    # seconds (kept across resumes in each stage's checkpoint) plus this evaluation.
+    compute_seconds = sum(s.get("seconds") or 0 for s in stage_report.values()) + eval_seconds
     results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,
-               "commit": _commit(), "machine": machine(), "wall_seconds": time.monotonic() - start,
-               "config": config.to_dict()}
+               "commit": _commit(), "machine": machine(config.eval.device, config.eval.dtype),
+               "wall_seconds": time.monotonic() - start, "eval_seconds": eval_seconds,
+               "compute_seconds": compute_seconds, "config": config.to_dict()}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")
