@@ -142,7 +142,7 @@ def test_dtype_and_cur_gradient(model, batch):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_same_gradients(model, batch, use_reentrant):
+def test_gradient_checkpointing_gives_same_gradients(model, batch, use_reentrant, enable_checkpointing):
     input_ids, attention_mask = batch
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_gives_same_gradients(model, batch, use_reentrant
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            enable_checkpointing(model, use_reentrant)
         inner_runs.clear()
         v = nn.Parameter(torch.ones(2, H))
         calls = []

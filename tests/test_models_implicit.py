@@ -77,7 +77,7 @@ def test_gradients_reach_emulator_and_student(model, tokenizer):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
+def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer, enable_checkpointing):
     # The edits run in the blocks' pre-hooks, outside the checkpointed forward: recomputation must not redo them.
     ids, mask, s1, labels = encoded_batch(tokenizer)
     model.train()
@@ -89,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
 
     plain = grads()
     for lm in (model.emulator.lm, model.student.lm):
-        lm.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(lm, use_reentrant=False)
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:

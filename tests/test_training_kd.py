@@ -31,7 +31,7 @@ def kd_config(session_config):
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # trained on a GPU or not
 
 
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str = "") -> set[str]:

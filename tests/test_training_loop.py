@@ -402,6 +402,9 @@ def test_validation_lines_longer_than_the_context_are_refused(tiny_config, tmp_p
 def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_config, tmp_path):
     """``mixed_precision: bf16`` (on CPU here, on the GPU where there is one): matrix products run in
     bfloat16 under autocast while the weights, their updates and the saved model stay float32."""
+    # A stage without mixed precision first, as in a pipeline whose stages differ: the process's
+    # Accelerate state must not pin the first stage's precision on the next.
+    stages.run("nocot", tiny_config, tmp_path / "nocot", progress=False)
     config = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mixed_precision="bf16"))
     torch.manual_seed(0)
     stage = stages.build("teacher", config)
@@ -409,12 +412,12 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(ti
     seen: set[torch.dtype] = set()
     stage.module.transformer.h[0].mlp.c_fc.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
 
-    result = train_stage(stage, config.teacher, tmp_path, config, progress=False)
+    result = train_stage(stage, config.teacher, tmp_path / "teacher", config, progress=False)
 
     assert torch.bfloat16 in seen
     assert result["steps"] == config.teacher.max_steps
-    assert all(math.isfinite(e["loss"]) for e in _events(tmp_path, "train"))
-    model, _, _ = load_lm_dir(model_path(tmp_path))
+    assert all(math.isfinite(e["loss"]) for e in _events(tmp_path / "teacher", "train"))
+    model, _, _ = load_lm_dir(model_path(tmp_path / "teacher"))
     after = model.state_dict()
     assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float32}
     assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])

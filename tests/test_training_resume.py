@@ -156,13 +156,13 @@ def test_failed_save_keeps_the_previous_checkpoint(reference, tmp_path, monkeypa
     out = tmp_path / "run"
     real_save_file, saves = resume_module.save_file, []
 
-    def failing_on_the_third(tensors, path, *args, **kwargs):
+    def failing_on_the_fifth(tensors, path, *args, **kwargs):
         saves.append(path)
-        if len(saves) == 3:  # the second checkpoint's optimizer file (optimizer, then rng, per checkpoint)
+        if len(saves) == 5:  # the second checkpoint's optimizer file (model, optimizer, rng per checkpoint)
             raise OSError("No space left on device")
         return real_save_file(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(resume_module, "save_file", failing_on_the_third)
+    monkeypatch.setattr(resume_module, "save_file", failing_on_the_fifth)
     with pytest.raises(OSError, match="No space"):
         _train(config, out)
     monkeypatch.undo()
@@ -357,3 +357,44 @@ def test_recover_atomically_puts_back_what_an_interrupted_save_moved_aside(tmp_p
     (tmp_path / ".best.old-2").mkdir()  # killed after the new one was in place: only the old copy goes
     recover_atomically(best)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "weights").is_file()
+
+
+def _packed_like_cudnn(lstm: torch.nn.LSTM) -> torch.nn.LSTM:
+    """Make ``lstm``'s weights views into one flat buffer, as cuDNN's ``flatten_parameters`` does on a GPU."""
+    flat = torch.cat([p.detach().reshape(-1) for p in lstm.parameters()])
+    offset = 0
+    for p in lstm.parameters():
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return lstm
+
+
+class _TiedAndPacked(torch.nn.Module):
+    """A tied embedding / head pair and a packed LSTM: the two storage layouts a checkpoint meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+        self.rnn = _packed_like_cudnn(torch.nn.LSTM(4, 4))
+
+
+def test_checkpoint_model_file_stores_tied_weights_once_and_packed_views_whole(tmp_path):
+    torch.manual_seed(0)
+    saved = _TiedAndPacked()
+    first = saved.rnn.weight_ih_l0
+    assert first.untyped_storage().nbytes() > first.numel() * first.element_size()  # a view of a larger buffer
+    save_file(resume_module._module_tensors(saved), str(tmp_path / resume_module.MODEL_FILE))
+    stored = load_file(str(tmp_path / resume_module.MODEL_FILE))
+    assert ("embed.weight" in stored) != ("head.weight" in stored)  # one name for the tied pair
+    assert {k for k in stored if k.startswith("rnn.")} == {k for k in saved.state_dict() if k.startswith("rnn.")}
+
+    torch.manual_seed(1)
+    loaded = _TiedAndPacked()
+    resume_module.load_module_state(tmp_path, loaded)
+    for name, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert loaded.head.weight is loaded.embed.weight  # still tied
+    # Loading wrote into the packed buffer in place: the LSTM still runs on its views.
+    assert loaded.rnn.weight_ih_l0.untyped_storage().data_ptr() == loaded.rnn.weight_hh_l0.untyped_storage().data_ptr()

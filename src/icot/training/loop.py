@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -194,6 +195,10 @@ SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
 
 
 def _accelerator(stage: Stage, cfg: TrainConfig) -> Accelerator:
+    # Accelerate keeps one mixed precision per process and refuses another, but the stages of one
+    # pipeline may each set their own: forget the last stage's (the process group and device stay).
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+        AcceleratorState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               kwargs_handlers=[ddp])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from icot.errors import CheckpointError
@@ -153,7 +153,7 @@ def save_checkpoint(out_dir: Path, accelerator: Accelerator, module: nn.Module, 
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
         def write(tmp: Path) -> None:
-            save_model(module, str(tmp / MODEL_FILE), force_contiguous=True)
+            save_file(_module_tensors(module), str(tmp / MODEL_FILE))
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             save_file({**rng, "data_epoch_start": data_epoch_start.cpu()}, str(tmp / RNG_FILE))
             # Written last: a checkpoint directory is complete when its trainer_state.json exists.
@@ -194,6 +194,24 @@ def _tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"unreadable safetensors file: {e}", file) from None
 
 
+def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """The state dict's names grouped by the tensor they name: tied weights (GPT-2's ``lm_head`` and
+    ``wte``) share a group; views of one buffer at different places (cuDNN packs an LSTM's weights into
+    one flat buffer) do not."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``model.safetensors`` holds: each tensor of the module once, as its own CPU copy (safetensors
+    writes whole storages, which views into a shared buffer are not)."""
+    state = module.state_dict()
+    return {names[0]: state[names[0]].detach().to("cpu", copy=True).contiguous() for names in _tied_groups(state)}
+
+
 def load_module_state(path: Path, module: nn.Module) -> None:
     """Load ``model.safetensors`` of checkpoint ``path`` into ``module`` (in place).
 
@@ -201,10 +219,14 @@ def load_module_state(path: Path, module: nn.Module) -> None:
         CheckpointError: naming the file and the first tensor that is missing, unexpected or of another shape.
     """
     file = path / MODEL_FILE
+    tensors = _tensors(file)
+    for names in _tied_groups(module.state_dict()):  # a tied group is stored under one of its names
+        stored = next((n for n in names if n in tensors), None)
+        if stored is not None:
+            for name in names:
+                tensors.setdefault(name, tensors[stored])
     try:
-        load_model(module, str(file), strict=True, device=str(next(module.parameters()).device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"unreadable safetensors file: {e}", file) from None
+        module.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise CheckpointError(f"does not fit this stage's model: {details[0] if details else e}", file) from None
