@@ -119,16 +119,3 @@ def _never_eos(model, token_id: int) -> None:
 def never_eos():
     """``never_eos(model, token_id)``: an untrained-like GPT-2 that rambles and never ends."""
     return _never_eos
-
-
-def _enable_checkpointing(model, use_reentrant: bool) -> None:
-    """Turn on activation checkpointing: ``activation_checkpointing_enable`` in recent transformers 5.x,
-    ``gradient_checkpointing_enable`` (its older name, still accepted) before."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": use_reentrant})
-
-
-@pytest.fixture
-def enable_checkpointing():
-    """``enable_checkpointing(model, use_reentrant)`` across the transformers 5.x releases."""
-    return _enable_checkpointing

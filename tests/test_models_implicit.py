@@ -11,6 +11,7 @@ from icot.data.multiplication import make_example
 from icot.errors import CheckpointError
 from icot.evaluation import left_pad, load_predictor
 from icot.models.emulator import ThoughtEmulator
+from icot.models.hooks import HOOKS_OUTSIDE_CHECKPOINT
 from icot.models.implicit import ImplicitModel, ImplicitPredictor
 from icot.models.lm import read_meta
 from icot.models.student import MindReadingStudent
@@ -77,7 +78,8 @@ def test_gradients_reach_emulator_and_student(model, tokenizer):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer, enable_checkpointing):
+@pytest.mark.skipif(not HOOKS_OUTSIDE_CHECKPOINT, reason="transformers < 5.23 checkpoints the blocks' __call__")
+def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
     # The edits run in the blocks' pre-hooks, outside the checkpointed forward: recomputation must not redo them.
     ids, mask, s1, labels = encoded_batch(tokenizer)
     model.train()
@@ -89,7 +91,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer, enabl
 
     plain = grads()
     for lm in (model.emulator.lm, model.student.lm):
-        enable_checkpointing(lm, use_reentrant=False)
+        lm.activation_checkpointing_enable({"use_reentrant": False})
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:

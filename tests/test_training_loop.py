@@ -32,7 +32,7 @@ def _events(out: Path, kind: str) -> list[dict]:
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
 
 
 def _valid_ids(stage) -> torch.Tensor:
@@ -131,10 +131,13 @@ def test_same_seed_same_result(tiny_config, tmp_path):
     first = stages.run("teacher", config, tmp_path / "a", progress=False)
     torch.manual_seed(5678)  # e.g. another stage ran before in the same process
     second = stages.run("teacher", config, tmp_path / "b", progress=False)
-    assert first["best"]["loss"] == second["best"]["loss"]
+    # Bitwise on CPU; CUDA's scatter-add in the embedding backward is not bitwise reproducible.
+    tolerance = 1e-5 if torch.cuda.is_available() else 0.0
+    assert first["best"]["loss"] == pytest.approx(second["best"]["loss"], abs=tolerance, rel=0)
     a, _, _ = load_lm_dir(tmp_path / "a" / "best")
     b, _, _ = load_lm_dir(tmp_path / "b" / "best")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=tolerance, rtol=0)
 
 
 def test_stage_is_done(tmp_path):
@@ -225,7 +228,7 @@ def test_bpe_teacher_trains_and_reloads(tiny_config, tmp_path):
     model, tokenizer, _ = load_lm_dir(tmp_path / "best")
     assert tokenizer.get_vocab() == stage.tokenizer.get_vocab()
     ids = _valid_ids(stage)
-    assert torch.equal(_logits(model, ids), _logits(stage.module, ids))
+    assert torch.equal(_logits(model.to(stage.module.device), ids), _logits(stage.module, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ class ToyStage(Stage):
         return nn.functional.cross_entropy(module(batch["x"]), batch["y"]), {"calls": float(self.calls)}
 
     def validate(self, module):
-        x = torch.arange(10)
+        x = torch.arange(10, device=next(module.parameters()).device)
         logits = module(x)
         return {"loss": nn.functional.cross_entropy(logits, (x + 3) % 10).item(),
                 "accuracy": (logits.argmax(-1) == (x + 3) % 10).float().mean().item()}
