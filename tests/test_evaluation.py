@@ -193,8 +193,12 @@ def test_decode_device_resolves_auto_and_refuses_what_is_not_there():
     with pytest.raises(ConfigError, match="eval.device.*not a torch device"):
         decode_device("gpu0")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no cuda device"):
+        with pytest.raises(ConfigError, match="'cuda:0', which torch cannot use here: "):
             decode_device("cuda:0")
+    with pytest.raises(ConfigError, match="'cuda:99', which torch cannot use here: "):
+        decode_device("cuda:99")
+    with pytest.raises(ConfigError, match="meta tensor holds no values"):
+        decode_device("meta")
 
 
 def test_load_predictor_refuses_other_kinds(tmp_path):

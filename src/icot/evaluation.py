@@ -202,9 +202,13 @@ def decode_device(name: str = "auto") -> torch.device:
     except (RuntimeError, ValueError):
         raise ConfigError(f"field 'eval.device' is '{name}', which is not a torch device (auto, cpu, cuda, cuda:1, "
                           "mps, ...)") from None
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend is not None and backend.is_available()):
-        raise ConfigError(f"field 'eval.device' is '{name}', but torch sees no {device.type} device here")
+    if device.type == "meta":
+        raise ConfigError(f"field 'eval.device' is '{name}': a meta tensor holds no values to decode with")
+    try:  # a CUDA build without a GPU, a GPU index past the last, a backend torch was built without
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().split(". ")[0] or type(e).__name__
+        raise ConfigError(f"field 'eval.device' is '{name}', which torch cannot use here: {reason}") from None
     return device
 
 
