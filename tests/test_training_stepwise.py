@@ -33,25 +33,74 @@ def test_offsets_follow_exp_minus_lambda_o():
 @pytest.fixture
 def si_config(tiny_config):
     section = dataclasses.replace(tiny_config.teacher, max_steps=30, eval_every=5, batch_size=16)
-    si = dataclasses.replace(tiny_config.si, remove_per_epoch=3, steps_per_epoch=4, removal_smoothing_lambda=math.inf)
+    si = dataclasses.replace(tiny_config.si, remove_per_epoch=4, steps_per_epoch=8, removal_smoothing_lambda=math.inf)
     return dataclasses.replace(tiny_config, stepwise=section, si=si)
 
 
-def test_schedule_and_reset_points(si_config):
-    stage = stages.build("stepwise", si_config)
-    resets = [s for s in range(40) if stage.begin_step(s)]
+def original_schedule(n_steps: int, steps_per_epoch: int, remove_per_epoch: float, cot_len: int):
+    """The original code's rule (Internalize_CoT_Step_by_Step, train.py), restated as a reference: a batch
+    counter that adds one token when it reaches round(E / r), and an optimizer reset at each addition
+    unless the previous batch already had its whole CoT removed. Returns (removed per step, reset steps)."""
+    per_token = int(round(steps_per_epoch / remove_per_epoch))
+    scheduled, counter, removed, resets = 0, 0, [], []
+    for step in range(n_steps):
+        prev = scheduled
+        if counter == per_token or per_token == 0:
+            scheduled += 1
+            counter = 0
+        counter += 1
+        if scheduled > prev and prev < cot_len:  # prev < cot_len: the previous batch still had CoT
+            resets.append(step)
+        removed.append(min(scheduled, cot_len))
+    return removed, resets
+
+
+@pytest.mark.parametrize("steps_per_epoch, remove_per_epoch", [(4, 3), (8, 2), (10, 4), (25, 8), (3, 8)])
+def test_schedule_and_reset_points_match_the_original(si_config, steps_per_epoch, remove_per_epoch):
+    si = dataclasses.replace(si_config.si, steps_per_epoch=steps_per_epoch, remove_per_epoch=remove_per_epoch)
+    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    n = 120
+    resets = [s for s in range(n) if stage.begin_step(s)]
+    removed = [stage.removal_at(s) for s in range(n)]
+    ref_removed, ref_resets = original_schedule(n, steps_per_epoch, remove_per_epoch, stage.max_cot)
+    assert removed == ref_removed
+    assert resets == ref_resets
+    assert stage.cot_gone_at() == ref_removed.index(stage.max_cot)
+
+
+def test_one_token_at_a_time(si_config):
+    # 2x2 multiplication CoT: "P0 + P1" = 3 + 1 + 4 tokens. E = 8 steps, r = 2: one token every 4 steps.
+    si = dataclasses.replace(si_config.si, steps_per_epoch=8, remove_per_epoch=2)
+    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    assert stage.max_cot == 8 and stage.per_token == 4
     removed = [stage.removal_at(s) for s in range(40)]
-    # 2x2 multiplication CoT: "P0 + P1" = 3 + 1 + 4 tokens.
-    assert stage.max_cot == 8
-    assert removed[:4] == [0] * 4 and removed[4:8] == [3] * 4 and removed[8:12] == [6] * 4
-    assert all(r == 8 for r in removed[12:])  # 9 >= 8: everything goes
-    assert resets == [4, 8, 12]
+    assert removed[:4] == [0] * 4 and removed[4:8] == [1] * 4 and removed[28:32] == [7] * 4
+    assert all(r == 8 for r in removed[32:])
+    assert stage.reset_steps == [4, 8, 12, 16, 20, 24, 28, 32]  # never again once the CoT is gone
+
+
+def test_no_reset_without_reset_optimizer(si_config):
+    si = dataclasses.replace(si_config.si, reset_optimizer=False)
+    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    assert not any(stage.begin_step(s) for s in range(40))
+    assert stage.cot_gone_at() > 0
+
+
+def test_reset_warmup_ramps_after_each_reset(si_config):
+    si = dataclasses.replace(si_config.si, steps_per_epoch=8, remove_per_epoch=2, reset_warmup_steps=2)
+    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    scales = [stage.lr_scale(s) for s in range(10)]
+    assert scales == [1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.5, 1.0]
+    assert stage.lr_scale(33) == 1.0 and stage.lr_scale(32) == 0.5
+    off = stages.build("stepwise", si_config)
+    assert all(off.lr_scale(s) == 1.0 for s in range(40))
 
 
 def test_remove_all_when_remove_beyond(si_config):
     config = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, remove_all_when_remove_beyond=2))
     stage = stages.build("stepwise", config)
-    assert stage.removal_at(3) == 0 and stage.removal_at(4) == stage.max_cot
+    # One token every 2 steps: 3 tokens at step 6, beyond 2, so everything goes.
+    assert stage.removal_at(5) == 2 and stage.removal_at(6) == stage.max_cot
 
 
 def test_vectorized_removal_equals_reference(si_config):
@@ -86,9 +135,10 @@ def test_stage_removes_resets_and_keeps_only_internalized(si_config, tmp_path):
     stage.module.forward = spy
     train_stage(stage, si_config.stepwise, tmp_path / "si", si_config, progress=False)
     events = [json.loads(line) for line in (tmp_path / "si" / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "optimizer_reset"] == [4, 8, 12]
+    assert [e["step"] for e in events if e["event"] == "optimizer_reset"] == [2, 4, 6, 8, 10, 12, 14, 16]
     vals = [e for e in events if e["event"] == "validate"]
-    assert [v["val_cot_removed"] for v in vals][:3] == [3.0, 6.0, 8.0]
+    # Validation after step 5 sees the removal of step index 4, and so on.
+    assert [v["val_cot_removed"] for v in vals][:4] == [2.0, 4.0, 7.0, 8.0]
     kept = [v for v in vals if v["improved"]]
     assert kept and all(v["val_eligible"] == 1.0 for v in kept)
 

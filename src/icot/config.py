@@ -229,26 +229,41 @@ class KDConfig:
 class StepwiseConfig:
     """ICoT-SI options (stepwise internalization, METHOD.md).
 
+    The schedule is the original code's: CoT tokens go one at a time, one every
+    ``round(E / remove_per_epoch)`` optimizer steps, where E is ``steps_per_epoch``.
+
     Attributes:
-        remove_per_epoch: CoT tokens removed at each removal step (8 in the paper).
-        steps_per_epoch: optimizer steps between removal steps; 0 = one pass over the training data
-            (the paper's epoch). Counting in steps makes the schedule independent of the data size.
+        remove_per_epoch: CoT tokens removed per epoch (the paper's Delta, 8).
+        steps_per_epoch: optimizer steps that count as one epoch of the schedule; 0 = one pass over
+            the training data (the paper's epoch). Counting in steps makes the schedule independent of
+            the data size (80,800 lines at batch 32 is 2525 steps, Bai et al.'s epoch).
         removal_smoothing_lambda: lambda of the random extra offset ``P(o) ∝ exp(-lambda o)``;
             ``.inf`` turns smoothing off.
         remove_all_when_remove_beyond: once the schedule removes more than this many tokens, remove
             the whole CoT (0: never; the CoT then goes when the schedule passes its length).
+        reset_optimizer: build a fresh AdamW state at every one-token increment until the whole CoT is
+            gone (the original's ``--reset_optimizer``, used in the papers' runs).
+        reset_warmup_steps: after each reset, ramp the learning rate linearly over this many steps
+            (ours, 0 = off as in the original): fresh Adam moments make the first updates full-sized.
+        from_teacher: start from the explicit-CoT teacher stage (the paper); false trains from
+            ``model`` with the schedule running from step 0 (Bai et al.'s from-scratch recipe), and the
+            pipeline then needs no teacher for ``icot-si``.
     """
 
     remove_per_epoch: int = 8
     steps_per_epoch: int = 0
     removal_smoothing_lambda: float = 4.0
     remove_all_when_remove_beyond: int = 0
+    reset_optimizer: bool = True
+    reset_warmup_steps: int = 0
+    from_teacher: bool = True
 
     def __post_init__(self) -> None:
         _check(self.remove_per_epoch > 0, "si.remove_per_epoch", "must be > 0")
         _check(self.steps_per_epoch >= 0, "si.steps_per_epoch", "must be >= 0")
         _check(self.removal_smoothing_lambda > 0, "si.removal_smoothing_lambda", "must be > 0 (.inf: no smoothing)")
         _check(self.remove_all_when_remove_beyond >= 0, "si.remove_all_when_remove_beyond", "must be >= 0")
+        _check(self.reset_warmup_steps >= 0, "si.reset_warmup_steps", "must be >= 0")
 
 
 EVAL_DTYPES = ("float32", "bfloat16", "float16")

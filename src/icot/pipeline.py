@@ -50,10 +50,11 @@ BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "i
                "icot-si": "icot-si-batched"}
 
 
-def stages_for(methods: list[str]) -> list[str]:
-    """The stages a list of methods needs, in training order."""
+def stages_for(methods: list[str], si_from_teacher: bool = True) -> list[str]:
+    """The stages a list of methods needs, in training order (``icot-si`` needs the teacher only when
+    stepwise internalization starts from it, ``si.from_teacher``)."""
     need = set()
-    if {"explicit", "icot-kd", "icot-si"} & set(methods):
+    if {"explicit", "icot-kd"} & set(methods) or ("icot-si" in methods and si_from_teacher):
         need.add("teacher")
     if "nocot" in methods:
         need.add("nocot")
@@ -107,15 +108,18 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
     """Train (or skip, when already done with the same config) every stage the methods need."""
     report: dict[str, dict[str, Any]] = {}
     dirs = {name: run_dir / STAGE_DIRS[name] for name in STAGE_DIRS}
-    for name in stages_for(config.methods):
+    for name in stages_for(config.methods, config.si.from_teacher):
         out = dirs[name]
-        if stage_is_done(out) and _same_config(out, config, DEPENDS[name]):
+        depends = DEPENDS[name]
+        if name == "stepwise" and not config.si.from_teacher:  # trained from scratch: no teacher in it
+            depends = tuple(d for d in depends if d != "teacher")
+        if stage_is_done(out) and _same_config(out, config, depends):
             meta = json.loads((out / "icot.json").read_text())
             report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}
             print(f"[icot] stage {name}: already done in {out}, skipped")
             continue
         # An interrupted run of the same config continues from its checkpoint.
-        resume = can_resume(out) and _same_config(out, config, DEPENDS[name])
+        resume = can_resume(out) and _same_config(out, config, depends)
         print(f"[icot] stage {name} -> {out}" + (" (resuming from its checkpoint)" if resume else ""))
         result = stages.run(name, config, out, progress=progress, resume=resume, teacher=str(dirs["teacher"]),
                             student=str(dirs["student"]), emulator=str(dirs["emulator"]))

@@ -103,6 +103,11 @@ class Stage:
         """
         return False
 
+    def lr_scale(self, step: int) -> float:
+        """A stage's own factor on the learning rate at optimizer step ``step`` (a pure function of the
+        step, so resume needs no state); 1 by default."""
+        return 1.0
+
     def save(self, module: nn.Module, path: Path) -> None:
         """Write ``module`` as a model directory at ``path``."""
         raise NotImplementedError
@@ -278,8 +283,9 @@ class _Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         # Not given to Accelerate, which would step it once per process: the global batch is fixed, so
         # one optimizer step is one scheduler step whatever the number of processes.
+        schedule = functools.partial(lr_factor, cfg=cfg, total_steps=self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, functools.partial(lr_factor, cfg=cfg, total_steps=self.total_steps))
+            self.optimizer, lambda step: schedule(step) * stage.lr_scale(step))
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.epoch_start = load_training_state(path, state, self.accelerator, self.optimizer, self.scheduler)

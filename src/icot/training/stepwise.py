@@ -1,14 +1,17 @@
 """Stage ``stepwise``: stepwise internalization (ICoT-SI, METHOD.md; Deng, Choi, Shieber 2024).
 
-Start from a model trained on explicit CoT. At removal step k (every ``si.steps_per_epoch`` optimizer
-steps) the first ``k * si.remove_per_epoch`` CoT tokens are removed from every training example,
-plus a random extra offset ``o`` with ``P(o) ∝ exp(-lambda o)``, and the optimizer state is reset.
-Once the whole CoT is removed the example is ``INPUT <sep> ANSWER <eos>``: the model answers
-directly after ``<sep>``, exactly like the no-CoT model, and only from then on are checkpoints kept.
+Start from a model trained on explicit CoT (or from scratch, ``si.from_teacher: false``). CoT tokens
+are removed from the left one at a time, as the original code does: with E optimizer steps per epoch
+and ``r = si.remove_per_epoch``, step ``t`` removes ``floor(t / round(E / r))`` tokens, plus a random
+extra offset ``o`` per row with ``P(o) ∝ exp(-lambda o)``; at every one-token increment the optimizer
+state is reset (``si.reset_optimizer``), and no longer once the whole CoT is gone. Then the example
+is ``INPUT <sep> ANSWER <eos>``: the model answers directly after ``<sep>``, exactly like the no-CoT
+model, and only from then on are checkpoints kept.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,16 +35,27 @@ def removal_offsets(n: int, lam: float, generator: torch.Generator) -> torch.Ten
     return torch.floor(torch.empty(n).exponential_(generator=generator) / lam).long()
 
 
-def scheduled_removal(step: int, si: StepwiseConfig, steps_per_epoch: int) -> int:
-    """CoT tokens the schedule removes at optimizer step ``step`` (before the random offset)."""
-    return (step // steps_per_epoch) * si.remove_per_epoch
+def steps_per_token(si: StepwiseConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps each CoT token gets before the next one goes: ``round(E / r)`` (Python's round,
+    as the original). 0 (an epoch shorter than ``r`` steps) removes a token at every step."""
+    return int(round(steps_per_epoch / si.remove_per_epoch))
+
+
+def scheduled_removal(step: int, per_token: int) -> int:
+    """CoT tokens the schedule removes at optimizer step ``step`` (before the random offset).
+
+    The original counts batches and adds a token when its counter reaches ``per_token``, which is
+    ``floor(step / per_token)``; with ``per_token == 0`` it adds one at every step, the first included.
+    """
+    return step + 1 if per_token == 0 else step // per_token
 
 
 def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
     """Drop the first ``remove[b]`` CoT tokens of each row of an explicit-layout batch.
 
     Rows whose whole CoT goes also lose the second ``<sep>``, becoming ``INPUT <sep> ANSWER <eos>``.
-    Vectorized with one gather: new position p reads old position p (p <= s1) or p + r (p > s1).
+    Vectorized with one gather: new position p reads old position p (p <= s1) or p + r (p > s1). The
+    result is as wide as its longest row.
 
     Args:
         batch: ``lm_batch`` of explicit-layout items (right-padded; ``s1``, ``s2`` per row).
@@ -58,7 +72,11 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_
     new_ids = ids.gather(1, src).masked_fill(new_mask == 0, pad_id)
     labels = new_ids.masked_fill((pos <= s1[:, None]) | (new_mask == 0), IGNORE_INDEX)
     new_s2 = torch.where(r > cot_len, torch.full_like(s2, -1), s2 - r)
-    return {"input_ids": new_ids, "attention_mask": new_mask, "labels": labels, "s1": s1, "s2": new_s2}
+    # The removed tokens leave padding at the right: drop the columns no row uses, so a batch whose CoT
+    # is half gone costs half the compute.
+    width = int(new_mask.sum(1).max())
+    return {"input_ids": new_ids[:, :width], "attention_mask": new_mask[:, :width], "labels": labels[:, :width],
+            "s1": s1, "s2": new_s2}
 
 
 def cut_encoded(e: Encoded, remove: int) -> Encoded:
@@ -81,16 +99,34 @@ class StepwiseStage(CausalLMStage):
         self.si = config.si
         micro_batches = len(self.train_items) // config.stepwise.batch_size
         self.steps_per_epoch = self.si.steps_per_epoch or max(1, micro_batches)
+        self.per_token = steps_per_token(self.si, self.steps_per_epoch)
         self.max_cot = max(e.s2 - e.s1 - 1 for e in self.train_items)
+        self.increments = self._increment_steps()
+        self.reset_steps = self.increments if self.si.reset_optimizer else []
         self.step = 0
         self.removed = 0  # scheduled removal in force
         self.meta["layout"] = "nocot"  # only fully internalized checkpoints are ever saved
 
     def removal_at(self, step: int) -> int:
         """Scheduled removal at ``step``, with the remove-all rule applied."""
-        n = scheduled_removal(step, self.si, self.steps_per_epoch)
+        n = scheduled_removal(step, self.per_token)
         beyond = self.si.remove_all_when_remove_beyond
         return self.max_cot if (beyond and n > beyond) or n >= self.max_cot else n
+
+    def _increment_steps(self) -> list[int]:
+        """Steps at which the removal grows while some CoT was still left (the optimizer resets there);
+        the last is the first step without any CoT."""
+        steps, t, before = [], 0, 0  # nothing is removed before step 0
+        while before < self.max_cot:
+            now = self.removal_at(t)
+            if now > before:
+                steps.append(t)
+            t, before = t + 1, now
+        return steps
+
+    def cot_gone_at(self) -> int:
+        """The first optimizer step at which the whole CoT is removed."""
+        return self.increments[-1] if self.increments else 0
 
     def all_removed(self) -> bool:
         """Whether the schedule now removes every CoT token of every example."""
@@ -98,10 +134,17 @@ class StepwiseStage(CausalLMStage):
 
     def begin_step(self, step: int) -> bool:
         self.step = step
-        removed = self.removal_at(step)
-        changed = removed != self.removed
-        self.removed = removed
-        return changed
+        self.removed = self.removal_at(step)
+        i = bisect.bisect_left(self.reset_steps, step)
+        return i < len(self.reset_steps) and self.reset_steps[i] == step
+
+    def lr_scale(self, step: int) -> float:
+        """Linear ramp over ``si.reset_warmup_steps`` steps after each optimizer reset."""
+        warmup = self.si.reset_warmup_steps
+        i = bisect.bisect_right(self.reset_steps, step)
+        if not warmup or i == 0:
+            return 1.0
+        return min(1.0, (step - self.reset_steps[i - 1] + 1) / warmup)
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return lm_batch(items, self.layout.pad_id)
@@ -130,5 +173,6 @@ class StepwiseStage(CausalLMStage):
 
 
 def build(config: IcotConfig, teacher_dir: str = "") -> StepwiseStage:
-    """The stepwise stage of ``config`` (section ``stepwise``), starting from ``teacher_dir`` when given."""
-    return StepwiseStage(config, init_from=teacher_dir)
+    """The stepwise stage of ``config`` (section ``stepwise``), starting from ``teacher_dir`` when given
+    and ``si.from_teacher`` holds, otherwise from ``model`` (or ``stepwise.init_from``)."""
+    return StepwiseStage(config, init_from=teacher_dir if config.si.from_teacher else "")
