@@ -11,7 +11,7 @@ import torch
 
 from icot.cli import main
 from icot.config import load_config
-from icot.pipeline import results_markdown, stages_for
+from icot.pipeline import plot_stepwise, results_markdown, stages_for, stepwise_validations
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -21,6 +21,24 @@ def test_stages_for_methods():
     assert stages_for(["nocot"]) == ["nocot"]
     assert stages_for(["explicit"]) == ["teacher"]
     assert stages_for(["icot-kd", "nocot"]) == ["teacher", "nocot", "student", "emulator", "couple"]
+    assert stages_for(["icot-si"]) == ["teacher", "stepwise"]
+    assert stages_for(["icot-si"], si_from_teacher=False) == ["stepwise"]  # from scratch: no teacher
+    assert stages_for(["explicit", "icot-si"], si_from_teacher=False) == ["teacher", "stepwise"]
+
+
+def test_stepwise_curve_reads_validations_and_plots(tmp_path):
+    records = [{"event": "train", "step": 1, "examples": 32, "loss": 1.0},
+               {"event": "validate", "step": 2, "examples": 64, "val_cot_removed": 0.0, "val_accuracy": 0.5,
+                "val_token_accuracy": 0.9},
+               {"event": "optimizer_reset", "step": 3},
+               {"event": "validate", "step": 4, "examples": 128, "val_cot_removed": 1.0, "val_accuracy": 0.25,
+                "val_token_accuracy": 0.8}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    vals = stepwise_validations(metrics)
+    assert [v["step"] for v in vals] == [2, 4]
+    plot_stepwise({"a": metrics, "b": metrics}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):

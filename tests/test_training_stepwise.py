@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from icot.errors import ConfigError
 from icot.evaluation import load_predictor
 from icot.models.lm import read_meta
 from icot.training import stages
@@ -37,6 +38,12 @@ def si_config(tiny_config):
     return dataclasses.replace(tiny_config, stepwise=section, si=si)
 
 
+def with_schedule(config, **si):
+    """``config`` with the given ``si`` fields and a training budget long enough for any of these schedules."""
+    section = dataclasses.replace(config.stepwise, epochs=100, max_steps=0)
+    return dataclasses.replace(config, stepwise=section, si=dataclasses.replace(config.si, **si))
+
+
 def original_schedule(n_steps: int, steps_per_epoch: int, remove_per_epoch: float, cot_len: int):
     """The original code's rule (Internalize_CoT_Step_by_Step, train.py), restated as a reference: a batch
     counter that adds one token when it reaches round(E / r), and an optimizer reset at each addition
@@ -57,8 +64,8 @@ def original_schedule(n_steps: int, steps_per_epoch: int, remove_per_epoch: floa
 
 @pytest.mark.parametrize("steps_per_epoch, remove_per_epoch", [(4, 3), (8, 2), (10, 4), (25, 8), (3, 8)])
 def test_schedule_and_reset_points_match_the_original(si_config, steps_per_epoch, remove_per_epoch):
-    si = dataclasses.replace(si_config.si, steps_per_epoch=steps_per_epoch, remove_per_epoch=remove_per_epoch)
-    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    stage = stages.build("stepwise", with_schedule(si_config, steps_per_epoch=steps_per_epoch,
+                                                   remove_per_epoch=remove_per_epoch))
     n = 120
     resets = [s for s in range(n) if stage.begin_step(s)]
     removed = [stage.removal_at(s) for s in range(n)]
@@ -70,8 +77,7 @@ def test_schedule_and_reset_points_match_the_original(si_config, steps_per_epoch
 
 def test_one_token_at_a_time(si_config):
     # 2x2 multiplication CoT: "P0 + P1" = 3 + 1 + 4 tokens. E = 8 steps, r = 2: one token every 4 steps.
-    si = dataclasses.replace(si_config.si, steps_per_epoch=8, remove_per_epoch=2)
-    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    stage = stages.build("stepwise", with_schedule(si_config, steps_per_epoch=8, remove_per_epoch=2))
     assert stage.max_cot == 8 and stage.per_token == 4
     removed = [stage.removal_at(s) for s in range(40)]
     assert removed[:4] == [0] * 4 and removed[4:8] == [1] * 4 and removed[28:32] == [7] * 4
@@ -80,20 +86,40 @@ def test_one_token_at_a_time(si_config):
 
 
 def test_no_reset_without_reset_optimizer(si_config):
-    si = dataclasses.replace(si_config.si, reset_optimizer=False)
-    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    stage = stages.build("stepwise", with_schedule(si_config, reset_optimizer=False))
     assert not any(stage.begin_step(s) for s in range(40))
     assert stage.cot_gone_at() > 0
 
 
 def test_reset_warmup_ramps_after_each_reset(si_config):
-    si = dataclasses.replace(si_config.si, steps_per_epoch=8, remove_per_epoch=2, reset_warmup_steps=2)
-    stage = stages.build("stepwise", dataclasses.replace(si_config, si=si))
+    stage = stages.build("stepwise", with_schedule(si_config, steps_per_epoch=8, remove_per_epoch=2,
+                                                   reset_warmup_steps=2))
     scales = [stage.lr_scale(s) for s in range(10)]
     assert scales == [1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.5, 1.0]
     assert stage.lr_scale(33) == 1.0 and stage.lr_scale(32) == 0.5
     off = stages.build("stepwise", si_config)
     assert all(off.lr_scale(s) == 1.0 for s in range(40))
+
+
+def test_budget_that_ends_before_the_cot_is_gone_is_refused(si_config):
+    # One token every 2 steps, 8 tokens: gone at step 16, so a 16-step budget keeps nothing.
+    short = dataclasses.replace(si_config, stepwise=dataclasses.replace(si_config.stepwise, max_steps=16))
+    with pytest.raises(ConfigError, match="ends before the CoT is gone at step 16"):
+        stages.build("stepwise", short)
+    enough = dataclasses.replace(si_config, stepwise=dataclasses.replace(si_config.stepwise, max_steps=17))
+    assert stages.build("stepwise", enough).cot_gone_at() == 16
+
+
+def test_lr_follows_the_reset_warmup_in_training(si_config, tmp_path):
+    config = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, reset_warmup_steps=2),
+                                 stepwise=dataclasses.replace(si_config.stepwise, log_every=1, eval_every=0))
+    train_stage(stages.build("stepwise", config), config.stepwise, tmp_path / "si", config, progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "si" / "metrics.jsonl").read_text().splitlines()]
+    lr = {e["step"]: e["lr"] for e in logs if e["event"] == "train"}  # the rate of the next step
+    base = config.stepwise.lr
+    # Resets at steps 2, 4, ..., 16: half the rate on each reset step, the full rate on the next.
+    assert lr[2] == pytest.approx(base / 2) and lr[3] == pytest.approx(base)
+    assert lr[16] == pytest.approx(base / 2) and lr[17] == pytest.approx(base) and lr[20] == pytest.approx(base)
 
 
 def test_remove_all_when_remove_beyond(si_config):
@@ -154,3 +180,24 @@ def test_stage_removes_resets_and_keeps_only_internalized(si_config, tmp_path):
     predictor = load_predictor(str(tmp_path / "si"))
     preds = predictor.predict([ex.input for ex in stage.valid[:5]])
     assert all(p.cot == "" for p in preds)
+
+
+def test_cut_batch_drops_the_columns_no_row_uses(si_config):
+    stage = stages.build("stepwise", si_config)
+    batch = lm_batch(stage.train_items[:4], stage.layout.pad_id)
+    width = batch["input_ids"].shape[1]
+    cut = remove_cot_tokens(batch, torch.tensor([3, 3, 5, 3]), stage.layout.pad_id)
+    assert cut["input_ids"].shape[1] == width - 3  # the longest row lost 3 tokens
+    assert cut["attention_mask"][:, -1].any()  # the last column is some row's token
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert cut[key].shape == cut["input_ids"].shape
+
+
+def test_from_scratch_ignores_the_teacher(si_config, trained_teacher):
+    scratch = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, from_teacher=False))
+    fresh = stages.build("stepwise", scratch, teacher=str(trained_teacher))
+    from_teacher = stages.build("stepwise", si_config, teacher=str(trained_teacher))
+    teacher_weights = load_predictor(str(trained_teacher)).model.state_dict()
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(from_teacher.model.state_dict()[name], teacher_weights[name])
+    assert not torch.equal(fresh.model.state_dict()[name], teacher_weights[name])

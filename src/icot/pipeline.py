@@ -219,6 +219,40 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def stepwise_validations(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The validation records of a stepwise stage's metrics.jsonl, in order."""
+    lines = Path(metrics_path).read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "validate" and "val_cot_removed" in r]
+
+
+def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-SI") -> None:
+    """Validation exact match (solid) and token accuracy (dotted) of stepwise runs, against CoT tokens
+    removed (left) and training examples seen (right); ``curves`` maps a label to a metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_removed, by_examples) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, (label, metrics) in enumerate(curves.items()):
+        vals = stepwise_validations(metrics)
+        color = f"C{i % 10}"
+        for ax, x in ((by_removed, [v["val_cot_removed"] for v in vals]), (by_examples, [v["examples"] for v in vals])):
+            ax.plot(x, [100 * v["val_accuracy"] for v in vals], "-", color=color, label=f"{label}: exact match")
+            ax.plot(x, [100 * v["val_token_accuracy"] for v in vals], ":", color=color, label=f"{label}: token accuracy")
+    by_removed.set_xlabel("CoT tokens removed (schedule)")
+    by_examples.set_xlabel("training examples seen")
+    by_removed.set_ylabel("validation accuracy (%), format of that step")
+    for ax in (by_removed, by_examples):
+        ax.set_ylim(-5, 105)
+        ax.grid(True, alpha=0.3)
+    by_examples.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the whole pipeline into ``run_dir`` and write its results; returns the results dict."""
     run_dir = Path(run_dir)
@@ -245,5 +279,8 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")
+    if "stepwise" in stage_report:
+        plot_stepwise({"icot-si": run_dir / STAGE_DIRS["stepwise"] / "metrics.jsonl"}, run_dir / "stepwise_curve.png",
+                      f"ICoT-SI, {Path(config.data.test).parent.name}")
     print(results_markdown(results))
     return results

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from icot.config import IcotConfig, StepwiseConfig
+from icot.config import IcotConfig, StepwiseConfig, TrainConfig
+from icot.errors import ConfigError
 from icot.models.lm import save_lm_dir
 from icot.tokenizer import IGNORE_INDEX, Encoded
 from icot.training.causal_lm import CausalLMStage, lm_batch, validate_lm
@@ -103,9 +104,21 @@ class StepwiseStage(CausalLMStage):
         self.max_cot = max(e.s2 - e.s1 - 1 for e in self.train_items)
         self.increments = self._increment_steps()
         self.reset_steps = self.increments if self.si.reset_optimizer else []
+        self._check_budget(config.stepwise)
         self.step = 0
         self.removed = 0  # scheduled removal in force
         self.meta["layout"] = "nocot"  # only fully internalized checkpoints are ever saved
+
+    def _check_budget(self, cfg: TrainConfig) -> None:
+        """Refuse, before any training, a budget that ends while some CoT is left: nothing would be kept."""
+        total = math.ceil(cfg.epochs * (len(self.train_items) // cfg.batch_size))
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        gone = self.cot_gone_at()
+        if total <= gone:
+            raise ConfigError(f"field 'stepwise.max_steps': the budget of {total} optimizer steps ends before the "
+                              f"CoT is gone at step {gone} ({self.max_cot} tokens, one every {self.per_token} steps); "
+                              f"raise stepwise.max_steps / stepwise.epochs or si.remove_per_epoch")
 
     def removal_at(self, step: int) -> int:
         """Scheduled removal at ``step``, with the remove-all rule applied."""

@@ -1,0 +1,126 @@
+"""Training at this machine's limit: matmul peak against what a stage's training loop achieves.
+
+1. The peak: the best of several square matmuls (fp32 and bf16) on ``--threads`` threads.
+2. A stage: the shared training loop (``train_stage``) for ``--steps`` optimizer steps of the stepwise
+   stage at step 0 (the whole CoT present: the longest rows it trains on), for each ``--shapes`` entry,
+   with and without bf16 autocast. Examples/s comes from the loop's own train logs (first log to last),
+   so start-up and the final validation do not count; FLOP/s counts the model's matmuls.
+
+Prints one line per measurement and the ratio of achieved FLOP/s to the bf16 peak, and writes JSON.
+
+    python benchmarks/train_speed.py --data runs/si-4x4/data/train.txt --out results/speed/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from icot.config import load_config
+from icot.training.loop import train_stage
+from icot.training.stages import build as build_stage
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5) -> dict[str, float]:
+    """Best GFLOP/s of ``n x n @ n x n`` over ``sizes``, after one warm-up product each."""
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best[str(n)] = 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+def train_flops_per_row(n_layer: int, n_embd: int, vocab: int, tokens: int) -> float:
+    """Matmul FLOPs of one training row (forward + backward = 3 x forward) of a GPT-2 block stack.
+
+    Per token: QKV, attention output and the MLP are ``2 * 12 * H^2`` per layer, the LM head ``2 * H * V``;
+    attention scores and their weighted sum add ``2 * 2 * T * H`` per layer (full T x T, as SDPA computes).
+    """
+    per_token = n_layer * (24 * n_embd ** 2 + 4 * tokens * n_embd) + 2 * n_embd * vocab
+    return 3 * per_token * tokens
+
+
+def train_rate(metrics: Path) -> tuple[float, float]:
+    """(examples/s, seconds) between the first and the last train log of a metrics.jsonl."""
+    logs = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["event"] == "train"]
+    first, last = logs[0], logs[-1]
+    seconds = last["seconds"] - first["seconds"]
+    return (last["examples"] - first["examples"]) / seconds, seconds
+
+
+def measure_stage(data: Path, valid: Path, shape: tuple[int, int, int], batch_size: int, steps: int,
+                  mixed_precision: str) -> dict[str, float]:
+    """Examples/s and achieved GFLOP/s of the stepwise stage's training loop on ``shape = (L, H, heads)``."""
+    n_layer, n_embd, n_head = shape
+    section = {"batch_size": batch_size, "lr": 5e-5, "max_steps": steps, "eval_every": 0, "eval_examples": 8,
+               "eval_batch_size": 8, "log_every": max(1, steps // 6), "mixed_precision": mixed_precision}
+    config = load_config(overrides={
+        "data": {"train": str(data), "valid": str(valid), "test": str(valid)},
+        "model": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": 256},
+        "stepwise": section,
+        "si": {"from_teacher": False, "steps_per_epoch": 1_000_000},  # keeps the whole CoT for the run
+    })
+    stage = build_stage("stepwise", config)
+    tokens = max(len(e.ids) for e in stage.train_items)
+    with tempfile.TemporaryDirectory() as out:
+        train_stage(stage, config.stepwise, Path(out) / "stage", config, progress=False)
+        rate, seconds = train_rate(Path(out) / "stage" / "metrics.jsonl")
+    flops = train_flops_per_row(n_layer, n_embd, len(stage.tokenizer), tokens) * rate
+    return {"layers": n_layer, "width": n_embd, "heads": n_head, "batch_size": batch_size, "tokens": tokens,
+            "mixed_precision": mixed_precision, "examples_per_second": rate, "gflops": flops / 1e9,
+            "timed_seconds": seconds}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``2x768x4`` -> (layers, width, heads)."""
+    layers, width, heads = (int(x) for x in text.lower().split("x"))
+    return layers, width, heads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="training file (INPUT||COT #### ANSWER lines)")
+    ap.add_argument("--lines", type=int, default=4000, help="training lines the stage loads")
+    ap.add_argument("--shapes", nargs="+", default=["2x768x4", "2x512x4", "4x256x4", "4x384x6"],
+                    help="LAYERSxWIDTHxHEADS of from-scratch GPT-2s")
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
+    ap.add_argument("--precisions", nargs="+", default=["bf16", "no"], help="mixed_precision values to compare")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    for name, p in peaks.items():
+        print(f"matmul peak {name}: {p['gflops']:.0f} GFLOP/s ({args.threads} threads)", flush=True)
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines(keepends=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train, valid = Path(tmp) / "train.txt", Path(tmp) / "valid.txt"
+        train.write_text("".join(lines[: args.lines]), encoding="utf-8")
+        valid.write_text("".join(lines[-8:]), encoding="utf-8")
+        for shape in args.shapes:
+            for precision in args.precisions:
+                r = measure_stage(train, valid, parse_shape(shape), args.batch_size, args.steps, precision)
+                r["of_bf16_peak"] = r["gflops"] / peaks["bfloat16"]["gflops"]
+                runs.append(r)
+                print(f"stepwise {shape} {precision:>4}: {r['examples_per_second']:.1f} examples/s, "
+                      f"{r['gflops']:.0f} GFLOP/s = {100 * r['of_bf16_peak']:.0f}% of the bf16 peak", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "peaks": peaks, "stages": runs,
+                               "args": {k: v for k, v in vars(args).items() if k != "out"}}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
