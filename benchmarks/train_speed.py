@@ -1,10 +1,12 @@
 """Training at this machine's limit: matmul peak against what a stage's training loop achieves.
 
 1. The peak: the best of several square matmuls (fp32 and bf16) on ``--threads`` threads.
-2. A stage: the shared training loop (``train_stage``) for ``--steps`` optimizer steps of the stepwise
-   stage at step 0 (the whole CoT present: the longest rows it trains on), for each ``--shapes`` entry,
-   with and without bf16 autocast. Examples/s comes from the loop's own train logs (first log to last),
-   so start-up and the final validation do not count; FLOP/s counts the model's matmuls.
+2. The stepwise stage's two ends, on the shared training loop (``train_stage``) for ``--steps`` optimizer
+   steps each: its first step trains on whole explicit-CoT rows, exactly the ``teacher`` stage's batches,
+   and once the CoT is gone on ``INPUT <sep> ANSWER <eos>`` rows, exactly the ``nocot`` stage's; so those
+   two stages are timed, for each ``--shapes`` entry, with and without bf16 autocast. Examples/s comes from
+   the loop's own train logs (first log to last), so start-up and the final validation do not count;
+   FLOP/s counts the model's matmuls.
 
 Prints one line per measurement and the ratio of achieved FLOP/s to the bf16 peak, and writes JSON.
 
@@ -57,25 +59,24 @@ def train_rate(metrics: Path) -> tuple[float, float]:
     return (last["examples"] - first["examples"]) / seconds, seconds
 
 
-def measure_stage(data: Path, valid: Path, shape: tuple[int, int, int], batch_size: int, steps: int,
+def measure_stage(name: str, data: Path, valid: Path, shape: tuple[int, int, int], batch_size: int, steps: int,
                   mixed_precision: str) -> dict[str, float]:
-    """Examples/s and achieved GFLOP/s of the stepwise stage's training loop on ``shape = (L, H, heads)``."""
+    """Examples/s and achieved GFLOP/s of stage ``name``'s training loop on ``shape = (L, H, heads)``."""
     n_layer, n_embd, n_head = shape
     section = {"batch_size": batch_size, "lr": 5e-5, "max_steps": steps, "eval_every": 0, "eval_examples": 8,
                "eval_batch_size": 8, "log_every": max(1, steps // 6), "mixed_precision": mixed_precision}
     config = load_config(overrides={
         "data": {"train": str(data), "valid": str(valid), "test": str(valid)},
         "model": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": 256},
-        "stepwise": section,
-        "si": {"from_teacher": False, "steps_per_epoch": 1_000_000},  # keeps the whole CoT for the run
+        name: section,
     })
-    stage = build_stage("stepwise", config)
+    stage = build_stage(name, config)
     tokens = max(len(e.ids) for e in stage.train_items)
     with tempfile.TemporaryDirectory() as out:
-        train_stage(stage, config.stepwise, Path(out) / "stage", config, progress=False)
+        train_stage(stage, getattr(config, name), Path(out) / "stage", config, progress=False)
         rate, seconds = train_rate(Path(out) / "stage" / "metrics.jsonl")
     flops = train_flops_per_row(n_layer, n_embd, len(stage.tokenizer), tokens) * rate
-    return {"layers": n_layer, "width": n_embd, "heads": n_head, "batch_size": batch_size, "tokens": tokens,
+    return {"stage": name, "layers": n_layer, "width": n_embd, "heads": n_head, "batch_size": batch_size, "tokens": tokens,
             "mixed_precision": mixed_precision, "examples_per_second": rate, "gflops": flops / 1e9,
             "timed_seconds": seconds}
 
@@ -110,12 +111,14 @@ def main() -> None:
         train.write_text("".join(lines[: args.lines]), encoding="utf-8")
         valid.write_text("".join(lines[-8:]), encoding="utf-8")
         for shape in args.shapes:
-            for precision in args.precisions:
-                r = measure_stage(train, valid, parse_shape(shape), args.batch_size, args.steps, precision)
-                r["of_bf16_peak"] = r["gflops"] / peaks["bfloat16"]["gflops"]
-                runs.append(r)
-                print(f"stepwise {shape} {precision:>4}: {r['examples_per_second']:.1f} examples/s, "
-                      f"{r['gflops']:.0f} GFLOP/s = {100 * r['of_bf16_peak']:.0f}% of the bf16 peak", flush=True)
+            for name in ("teacher", "nocot"):
+                for precision in args.precisions:
+                    r = measure_stage(name, train, valid, parse_shape(shape), args.batch_size, args.steps, precision)
+                    r["of_bf16_peak"] = r["gflops"] / peaks["bfloat16"]["gflops"]
+                    runs.append(r)
+                    print(f"{name:>7} {shape} {precision:>4} ({r['tokens']} tokens): {r['examples_per_second']:.1f} "
+                          f"examples/s, {r['gflops']:.0f} GFLOP/s = {100 * r['of_bf16_peak']:.0f}% of the bf16 peak",
+                          flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "peaks": peaks, "stages": runs,

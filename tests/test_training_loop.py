@@ -424,3 +424,21 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(ti
     after = model.state_dict()
     assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float32}
     assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])
+
+
+@pytest.mark.slow
+def test_compile_trains_the_compiled_module_like_the_eager_one(tiny_config, tmp_path):
+    """``compile: true`` runs the loss through ``torch.compile``'s module and gives the eager run's losses."""
+    short = dataclasses.replace(tiny_config.nocot, max_steps=6, log_every=1, eval_every=0)
+    losses = {}
+    for compiled in (False, True):
+        config = dataclasses.replace(tiny_config, nocot=dataclasses.replace(short, compile=compiled))
+        torch.manual_seed(0)
+        stage = stages.build("nocot", config)
+        kinds = set()
+        loss = stage.loss
+        stage.loss = lambda module, batch: (kinds.add(type(module).__name__), loss(module, batch))[1]
+        train_stage(stage, config.nocot, tmp_path / str(compiled), config, progress=False)
+        assert ("OptimizedModule" in kinds) == compiled
+        losses[compiled] = [e["loss"] for e in _events(tmp_path / str(compiled), "train")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -200,13 +200,18 @@ SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
 
 
 def _accelerator(stage: Stage, cfg: TrainConfig) -> Accelerator:
-    # Accelerate keeps one mixed precision per process and refuses another, but the stages of one
-    # pipeline may each set their own: forget the last stage's (the process group and device stay).
-    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+    # Dynamic shapes: stepwise batches narrow as the CoT goes, and should not recompile at each width.
+    dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.compile else TorchDynamoPlugin()
+    # Accelerate keeps one mixed precision and one dynamo setting per process (the first Accelerator's),
+    # but the stages of one pipeline may each set their own: forget the last stage's (the process group
+    # and device stay).
+    shared = AcceleratorState._shared_state
+    last_dynamo = getattr(shared.get("dynamo_plugin"), "backend", dynamo.backend)
+    if shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision or last_dynamo != dynamo.backend:
         AcceleratorState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              kwargs_handlers=[ddp])
+                              kwargs_handlers=[ddp], dynamo_plugin=dynamo)
     if accelerator.distributed_type in SHARDED:
         raise ConfigError(f"field 'distributed_type' of the accelerate config is "
                           f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP only (every model of the "
