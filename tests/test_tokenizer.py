@@ -220,3 +220,25 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
     _plain_tokenizer(pad_token="[UNK]").save_pretrained(tmp_path)
     with pytest.raises(DataFormatError, match="eos"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_answer_marker_stands_before_the_answer_in_every_layout(kind, paper_example, tmp_path):
+    examples = [paper_example] + [parse_line(x) for x in generate_examples(2, 2, 50, seed=0)]
+    plain = Layout(build_word_tokenizer(examples) if kind == "word" else build_bpe_tokenizer(examples, 400))
+    tok = build_word_tokenizer(examples, "####") if kind == "word" else build_bpe_tokenizer(examples, 400, "####")
+    marked = Layout(tok)
+    marker = marked.text_ids("####")
+    assert marked.marker_ids == marker and marker and plain.marker_ids == []
+    for with_cot in (True, False):
+        e, p = marked.encode(paper_example, with_cot), plain.encode(paper_example, with_cot)
+        answer = marked.text_ids(paper_example.answer) + [marked.eos_id]
+        assert e.ids[e.answer_start:] == answer
+        assert e.ids[e.answer_start - len(marker): e.answer_start] == marker
+        assert e.ids[:e.answer_start - len(marker)] == marked.encode(paper_example, with_cot).ids[:len(p.ids) - len(answer)]
+        assert marked.encode_all([paper_example], with_cot)[0] == e
+        # The model writes the marker; it is not part of the answer.
+        generated = e.ids[e.s1 + 1:]
+        assert marked.split_generation(generated, with_cot)[1] == paper_example.answer
+    tok.save_pretrained(tmp_path)
+    assert Layout(load_tokenizer(tmp_path)).marker_ids == marker  # the layout travels with the vocabulary

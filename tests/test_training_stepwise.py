@@ -201,3 +201,19 @@ def test_from_scratch_ignores_the_teacher(si_config, trained_teacher):
     name = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(from_teacher.model.state_dict()[name], teacher_weights[name])
     assert not torch.equal(fresh.model.state_dict()[name], teacher_weights[name])
+
+
+def test_answer_marker_survives_the_cut(si_config, trained_teacher):
+    marked = dataclasses.replace(si_config, model=dataclasses.replace(si_config.model, answer_marker="####"),
+                                 si=dataclasses.replace(si_config.si, from_teacher=False))
+    stage = stages.build("stepwise", marked)
+    marker = stage.layout.marker_ids
+    assert marker
+    item = stage.valid_items[0]
+    nocot = stage.layout.encode(stage.valid[0], with_cot=False)
+    full = remove_cot_tokens(lm_batch([item], stage.layout.pad_id), torch.tensor([99]), stage.layout.pad_id)
+    assert full["input_ids"][0].tolist() == nocot.ids  # INPUT <sep> #### ANSWER <eos>
+    assert cut_encoded(item, 99) == nocot
+    # A stage may not start from a model whose layout has another marker.
+    with pytest.raises(ConfigError, match="answer_marker"):
+        stages.build("stepwise", dataclasses.replace(marked, si=si_config.si), teacher=str(trained_teacher))

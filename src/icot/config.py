@@ -89,6 +89,8 @@ class ModelConfig:
         tokenizer: from-scratch vocabulary kind: ``word`` (whitespace-separated symbols, for
             multiplication) or ``bpe`` (byte-level BPE, for natural language).
         bpe_vocab_size: vocabulary size of a ``bpe`` tokenizer.
+        answer_marker: text placed right before ANSWER in every layout (the papers' ``####``: constant
+            positions to compute in before the first answer token, for every method alike); "" = none.
     """
 
     name_or_path: str = ""
@@ -99,6 +101,7 @@ class ModelConfig:
     dropout: float = 0.0
     tokenizer: str = "word"
     bpe_vocab_size: int = 2000
+    answer_marker: str = ""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "n_head", "n_positions"):

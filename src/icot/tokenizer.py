@@ -7,11 +7,14 @@ Pretrained models keep their own tokenizer. Either way the result is a
 
 Layout: ``INPUT <sep> COT <sep> ANSWER <eos>`` (explicit) or ``INPUT <sep> ANSWER <eos>`` (no CoT),
 where ``<sep>`` and ``<eos>`` are the end-of-text token as in the papers; the loss covers only what
-follows the first ``<sep>``.
+follows the first ``<sep>``. An optional answer marker (``model.answer_marker``, the papers' ``####``)
+stands right before ANSWER in every layout: a few constant positions the model computes in before its
+first answer token. It is saved in the tokenizer's config, so every model keeps its own layout.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +29,31 @@ EOS = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
 IGNORE_INDEX = -100
+# tokenizer_config.json key of the answer marker: the layout travels with the vocabulary.
+ANSWER_MARKER = "icot_answer_marker"
 
 
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+def answer_marker(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The answer marker of a tokenizer's layout ("" when none)."""
+    return tokenizer.init_kwargs.get(ANSWER_MARKER, "")
+
+
+def set_answer_marker(tokenizer: PreTrainedTokenizerBase, marker: str) -> None:
+    """Give a (pretrained) tokenizer's layout an answer marker; ``save_pretrained`` keeps it."""
+    tokenizer.init_kwargs[ANSWER_MARKER] = marker
+
+
+def _wrap(tok: Tokenizer, marker: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=UNK,
-        clean_up_tokenization_spaces=False, model_max_length=1_000_000,
+        clean_up_tokenization_spaces=False, model_max_length=1_000_000, **{ANSWER_MARKER: marker},
     )
 
 
-def build_word_tokenizer(examples: Iterable[Example]) -> PreTrainedTokenizerFast:
-    """Word-level vocabulary over whitespace-separated symbols (digits, ``*``, ``+``, parentheses)."""
-    symbols: set[str] = set()
+def build_word_tokenizer(examples: Iterable[Example], marker: str = "") -> PreTrainedTokenizerFast:
+    """Word-level vocabulary over whitespace-separated symbols (digits, ``*``, ``+``, parentheses) and
+    the answer ``marker``'s symbols."""
+    symbols: set[str] = set(marker.split())
     for ex in examples:
         for part in (ex.input, ex.cot, ex.answer):
             symbols.update(part.split())
@@ -45,11 +61,11 @@ def build_word_tokenizer(examples: Iterable[Example]) -> PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # No decoder: the backend joins word-level tokens with single spaces, which is the data format.
-    return _wrap(tok)
+    return _wrap(tok, marker)
 
 
-def build_bpe_tokenizer(examples: Iterable[Example], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style) trained on the examples' text."""
+def build_bpe_tokenizer(examples: Iterable[Example], vocab_size: int, marker: str = "") -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style) trained on the examples' text (and the answer ``marker``)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -58,8 +74,8 @@ def build_bpe_tokenizer(examples: Iterable[Example], vocab_size: int) -> PreTrai
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     texts = (part for ex in examples for part in (ex.input, ex.cot, ex.answer))
-    tok.train_from_iterator(texts, trainer=trainer)
-    return _wrap(tok)
+    tok.train_from_iterator(itertools.chain([marker], texts), trainer=trainer)
+    return _wrap(tok, marker)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -85,7 +101,7 @@ class Encoded:
     """One tokenized example.
 
     Attributes:
-        ids: ``INPUT <sep> [COT <sep>] ANSWER <eos>``.
+        ids: ``INPUT <sep> [COT <sep>] [MARKER] ANSWER <eos>``.
         s1: position of the first ``<sep>``.
         s2: position of the second ``<sep>`` (explicit layout) or -1.
         answer_start: position of the first ANSWER token.
@@ -107,6 +123,8 @@ class Layout:
         self.pad_id = tokenizer.pad_token_id
         # A from-scratch word vocabulary has an <unk>; an unknown symbol there is a data error.
         self.unk_id = tokenizer.unk_token_id if isinstance(tokenizer.backend_tokenizer.model, models.WordLevel) else None
+        self.marker = answer_marker(tokenizer)
+        self.marker_ids = self.text_ids(self.marker) if self.marker else []
 
     def text_ids(self, text: str, where: tuple[str | None, int | None] = (None, None)) -> list[int]:
         """Token ids of a text segment (no special tokens); unknown symbols raise DataFormatError."""
@@ -128,6 +146,7 @@ class Layout:
         if with_cot:
             ids += self.text_ids(ex.cot, where) + [self.sep_id]
             s2 = len(ids) - 1
+        ids += self.marker_ids
         answer_start = len(ids)
         ids += self.text_ids(ex.answer, where) + [self.eos_id]
         return Encoded(ids, s1, s2, answer_start)
@@ -149,6 +168,7 @@ class Layout:
             if with_cot:
                 ids += list(segs[1]) + [self.sep_id]
                 s2 = len(ids) - 1
+            ids += self.marker_ids
             answer_start = len(ids)
             out.append(Encoded(ids + list(segs[-1]) + [self.eos_id], s1, s2, answer_start))
         return out
@@ -156,7 +176,8 @@ class Layout:
     def split_generation(self, ids: Sequence[int], with_cot: bool) -> tuple[str, str]:
         """Split generated ids (after ``INPUT <sep>``) into ``(cot, answer)`` text.
 
-        Explicit layout: ``COT <sep> ANSWER <eos>``; no CoT: ``ANSWER <eos>``. Anything after the
+        Explicit layout: ``COT <sep> ANSWER <eos>``; no CoT: ``ANSWER <eos>``; the answer marker, when
+        the layout has one and the model wrote it, is not part of the answer. Anything after the
         closing ``<eos>`` is ignored (batched decoding keeps producing tokens for finished rows).
         """
         ids = list(ids)
@@ -169,6 +190,9 @@ class Layout:
         else:
             cot_ids = []
             answer_ids = ids[: seps[0]] if seps else ids
+        n = len(self.marker_ids)
+        if n and answer_ids[:n] == self.marker_ids:
+            answer_ids = answer_ids[n:]
         return self._decode(cot_ids), self._decode(answer_ids)
 
     def _decode(self, ids: Sequence[int]) -> str:

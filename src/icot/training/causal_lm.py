@@ -24,9 +24,11 @@ from icot.tokenizer import (
     IGNORE_INDEX,
     Encoded,
     Layout,
+    answer_marker,
     build_bpe_tokenizer,
     build_word_tokenizer,
     load_tokenizer,
+    set_answer_marker,
 )
 from icot.training.distributed import shard, sum_across
 from icot.training.loop import Stage, model_path
@@ -52,14 +54,21 @@ def starting_lm(config: IcotConfig, train: Sequence[Example], init_from: str = "
     ``init_from`` (a stage or model directory) wins; otherwise ``model.name_or_path`` (any Hugging
     Face causal LM); otherwise a GPT-2 built from ``model`` with a vocabulary built from ``train``.
     """
+    mc = config.model
     if init_from:
         model, tokenizer, _ = load_lm_dir(model_path(init_from))
+        if answer_marker(tokenizer) != mc.answer_marker:
+            raise ConfigError(f"field 'model.answer_marker': {mc.answer_marker!r}, but the model this stage starts "
+                              f"from has the layout marker {answer_marker(tokenizer)!r}", init_from)
         return model, tokenizer
-    mc = config.model
     if mc.name_or_path:
         tokenizer = load_tokenizer(mc.name_or_path)
+        set_answer_marker(tokenizer, mc.answer_marker)
         return load_pretrained_lm(mc.name_or_path, tokenizer), tokenizer
-    tokenizer = build_word_tokenizer(train) if mc.tokenizer == "word" else build_bpe_tokenizer(train, mc.bpe_vocab_size)
+    if mc.tokenizer == "word":
+        tokenizer = build_word_tokenizer(train, mc.answer_marker)
+    else:
+        tokenizer = build_bpe_tokenizer(train, mc.bpe_vocab_size, mc.answer_marker)
     return build_gpt2(mc, tokenizer), tokenizer
 
 

@@ -87,8 +87,8 @@ def cut_encoded(e: Encoded, remove: int) -> Encoded:
     if remove < cot_len:
         ids = e.ids[: e.s1 + 1] + e.ids[e.s1 + 1 + remove:]
         return Encoded(ids, e.s1, e.s2 - remove, e.answer_start - remove)
-    ids = e.ids[: e.s1 + 1] + e.ids[e.s2 + 1:]
-    return Encoded(ids, e.s1, -1, e.s1 + 1)
+    ids = e.ids[: e.s1 + 1] + e.ids[e.s2 + 1:]  # the answer marker, if any, stays
+    return Encoded(ids, e.s1, -1, e.answer_start - (e.s2 - e.s1))
 
 
 class StepwiseStage(CausalLMStage):
