@@ -19,6 +19,7 @@ from icot.evaluation import (
     left_pad,
     load_predictor,
     predict_all,
+    shifted_positions,
 )
 from icot.models.lm import load_lm_dir
 from icot.tokenizer import Layout
@@ -226,3 +227,43 @@ def test_decoding_stays_within_the_context(session_config, never_eos):
         for p in preds:
             text = p.cot if with_cot else p.answer
             assert text.split() == ["3"] * (12 - prompt)  # it wrote until the context was full
+
+
+def test_shifted_positions_move_from_the_sep_on():
+    positions = shifted_positions(6, torch.tensor([2, 1]), torch.tensor([3, 0]))
+    assert positions.tolist() == [[0, 1, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]]
+
+
+def _manual_greedy(model, prompt: list[int], shift: int, steps: int) -> list[int]:
+    """Greedy decoding without generate(): every forward gets explicitly shifted positions."""
+    ids = torch.tensor([prompt])
+    s1 = torch.tensor([len(prompt) - 1])
+    for _ in range(steps):
+        positions = shifted_positions(ids.shape[1], s1, shift)
+        logits = model(input_ids=ids, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_generate_with_moved_positions_equals_a_manual_decode(trained_nocot, session_config):
+    """A keep_position model's decoding: generate() with the position hook (left-padded, batched) gives the
+    tokens of a plain loop that passes the shifted positions itself, and the shift changes the logits."""
+    model, tokenizer, _ = load_lm_dir(trained_nocot / "best")
+    model.eval()
+    layout = Layout(tokenizer)
+    # Prompts of different lengths, so that left padding puts each row's <sep> elsewhere in its numbering.
+    prompts = [layout.prompt_ids(ex.input) for ex in _inputs(session_config, 3)]
+    prompts[1] = prompts[1][2:]
+    shift, steps = 7, 5
+    ids, mask = left_pad(prompts, layout.pad_id)
+    with torch.no_grad():
+        moved = greedy_generate(model, ids, mask, layout, n_eos=99, max_new_tokens=steps, position_shift=shift)
+        for row, prompt in zip(moved.tolist(), prompts):
+            assert row == _manual_greedy(model, prompt, shift, steps)
+        ids1 = torch.tensor([prompts[0]])
+        plain = model(input_ids=ids1).logits
+        shifted = model(input_ids=ids1, position_ids=shifted_positions(ids1.shape[1], torch.tensor([ids1.shape[1] - 1]),
+                                                                      shift)).logits
+    assert torch.allclose(plain[0, :-1], shifted[0, :-1])  # before <sep>: untouched
+    assert not torch.allclose(plain[0, -1], shifted[0, -1])
+    assert not model._forward_pre_hooks  # the hook is gone after decoding

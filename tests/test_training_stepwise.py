@@ -16,6 +16,7 @@ from icot.models.lm import read_meta
 from icot.training import stages
 from icot.training.causal_lm import lm_batch
 from icot.training.loop import model_path, train_stage
+from icot.data.multiplication import generate_examples
 from icot.training.stepwise import cut_encoded, removal_offsets, remove_cot_tokens
 
 
@@ -217,3 +218,60 @@ def test_answer_marker_survives_the_cut(si_config, trained_teacher):
     # A stage may not start from a model whose layout has another marker.
     with pytest.raises(ConfigError, match="answer_marker"):
         stages.build("stepwise", dataclasses.replace(marked, si=si_config.si), teacher=str(trained_teacher))
+
+
+def original_kept_positions(width_before: int, s1: int, removed: int, width_after: int) -> list[int]:
+    """The original's keep_position rule, restated: arange over the uncut row, ``+= removed`` from the
+    first <sep> on, then cut to the new length."""
+    positions = list(range(width_before))
+    positions[s1:] = [p + removed for p in positions[s1:]]
+    return positions[:width_after]
+
+
+def test_keep_position_ids_follow_the_original(si_config):
+    stage = stages.build("stepwise", si_config)
+    items = stage.train_items[:4]
+    batch = lm_batch(items, stage.layout.pad_id)
+    remove = torch.tensor([0, 2, 5, 99])
+    cut = remove_cot_tokens(batch, remove, stage.layout.pad_id, keep_position=True)
+    plain = remove_cot_tokens(batch, remove, stage.layout.pad_id)
+    assert "position_ids" not in plain and torch.equal(cut["input_ids"], plain["input_ids"])
+    for b, (item, r) in enumerate(zip(items, remove.tolist())):
+        cot_len = item.s2 - item.s1 - 1
+        removed = r if r < cot_len else cot_len + 1  # the whole CoT takes the second <sep> with it
+        n = int(cut["attention_mask"][b].sum())
+        assert cut["position_ids"][b, :n].tolist() == original_kept_positions(len(item.ids), item.s1, removed, n)
+    # Every token after <sep> keeps the position it had in the uncut row.
+    n = int(cut["attention_mask"][1].sum())
+    after = cut["position_ids"][1, items[1].s1 + 1: n]
+    assert cut["input_ids"][1, items[1].s1 + 1: n].tolist() == [items[1].ids[p] for p in after.tolist()]
+
+
+def test_keep_position_stage_saves_its_shift_and_answers_with_it(si_config, tmp_path):
+    config = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, keep_position=True))
+    stage = stages.build("stepwise", config)
+    fed = []
+    forward = stage.module.forward
+
+    def spy(*args, **kwargs):
+        if stage.module.training:
+            fed.append(kwargs["position_ids"])
+        return forward(*args, **kwargs)
+
+    stage.module.forward = spy
+    train_stage(stage, config.stepwise, tmp_path / "si", config, progress=False)
+    assert fed and all(p is not None for p in fed)
+    assert read_meta(model_path(tmp_path / "si"))["position_shift"] == stage.max_cot + 1
+    predictor = load_predictor(str(tmp_path / "si"))
+    assert predictor.position_shift == stage.max_cot + 1
+    assert len(predictor.predict([ex.input for ex in stage.valid[:3]])) == 3
+
+
+def test_keep_position_needs_one_cot_length(si_config, tmp_path):
+    lines = generate_examples(2, 2, 200, seed=5) + generate_examples(2, 3, 200, seed=6)
+    train = tmp_path / "mixed.txt"
+    train.write_text("".join(line + "\n" for line in lines))
+    config = with_schedule(dataclasses.replace(si_config, data=dataclasses.replace(si_config.data, train=str(train))),
+                           keep_position=True)
+    with pytest.raises(ConfigError, match="one length"):
+        stages.build("stepwise", config)

@@ -252,6 +252,9 @@ class StepwiseConfig:
             gone (the original's ``--reset_optimizer``, used in the papers' runs).
         reset_warmup_steps: after each reset, ramp the learning rate linearly over this many steps
             (ours, 0 = off as in the original): fresh Adam moments make the first updates full-sized.
+        keep_position: removed tokens keep their position ids (the original's ``--keep_position``:
+            from the first ``<sep>`` on, every position moves right by the number removed), and the
+            internalized model answers at those positions; needs CoTs of one length (multiplication).
         from_teacher: start from the explicit-CoT teacher stage (the paper); false trains from
             ``model`` with the schedule running from step 0 (Bai et al.'s from-scratch recipe), and the
             pipeline then needs no teacher for ``icot-si``.
@@ -263,6 +266,7 @@ class StepwiseConfig:
     remove_all_when_remove_beyond: int = 0
     reset_optimizer: bool = True
     reset_warmup_steps: int = 0
+    keep_position: bool = False
     from_teacher: bool = True
 
     def __post_init__(self) -> None:

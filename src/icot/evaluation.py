@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +70,57 @@ class StopAfterEos(StoppingCriteria):
         return (generated == self.eos_id).sum(dim=1) >= self.count  # (B,)
 
 
+def shifted_positions(width: int, s1: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+    """Position ids (B, width) of right-padded rows whose positions from ``s1`` on move right by ``shift``:
+    the layout of a stepwise model trained with ``keep_position`` (the removed CoT tokens' positions stay
+    taken, and the first ``<sep>`` moves up next to what is left, as the original code does).
+
+    Args:
+        width: columns.
+        s1: (B,) position of the first ``<sep>``.
+        shift: scalar or (B,) tokens removed after ``s1``.
+    """
+    pos = torch.arange(width, device=s1.device)[None, :]  # (1, T)
+    return pos + (pos >= s1[:, None]) * torch.as_tensor(shift, device=s1.device).reshape(-1, 1)
+
+
+@contextmanager
+def positions_moved(model: PreTrainedModel, attention_mask: torch.Tensor, shift: int):
+    """While ``generate`` runs on left-padded prompts ending in ``<sep>``, move every position from that
+    ``<sep>`` on right by ``shift`` (see :func:`shifted_positions`).
+
+    ``generate`` numbers the prompt's tokens ``cumsum(mask) - 1``, so a row's ``<sep>`` is at its token
+    count - 1; a pre-hook moves the ``position_ids`` it passes to every forward (or, for a model whose
+    ``generate`` passes none, numbers the forward's tokens the same way from its attention mask first).
+    """
+    sep = attention_mask.sum(1, keepdim=True) - 1  # (B, 1)
+
+    def move(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]  # (B, t), (B, past + t)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        kwargs["position_ids"] = positions + (positions >= sep) * shift
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(move, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: Layout,
-                    n_eos: int, max_new_tokens: int) -> torch.Tensor:
+                    n_eos: int, max_new_tokens: int, position_shift: int = 0) -> torch.Tensor:
     """Greedy decoding until ``n_eos`` end-of-text tokens per row; returns only the new tokens (B, t).
 
-    The budget is capped so that prompt plus answer stay inside the model's context.
+    The budget is capped so that prompt plus answer stay inside the model's context; ``position_shift``
+    moves positions from the ``<sep>`` on (:func:`positions_moved`).
     """
     prompt_length = input_ids.shape[1]
     limit = context_length(model)
     if limit is not None:
-        max_new_tokens = min(max_new_tokens, limit - prompt_length)
+        max_new_tokens = min(max_new_tokens, limit - prompt_length - position_shift)
     if max_new_tokens < 1:
         raise ValueError(f"a prompt of {prompt_length} tokens leaves no room to answer in a context of {limit}")
     # generate() fills every unset field from model.generation_config, whose eos_token_id would stop
@@ -90,7 +132,8 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     model.generation_config = config
     try:
         stop = StoppingCriteriaList([StopAfterEos(layout.eos_id, n_eos, prompt_length)])
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop)
+        with positions_moved(model, attention_mask, position_shift) if position_shift else nullcontext():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop)
     finally:
         model.generation_config = saved
     return out[:, prompt_length:]
@@ -99,16 +142,21 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
 class LMPredictor:
     """Greedy answers of a plain causal LM: the explicit-CoT teacher, the no-CoT or the stepwise model."""
 
-    def __init__(self, model: PreTrainedModel, layout: Layout, with_cot: bool, max_new_tokens: int = 256):
+    def __init__(self, model: PreTrainedModel, layout: Layout, with_cot: bool, max_new_tokens: int = 256,
+                 position_shift: int = 0):
         self.model, self.layout, self.with_cot, self.max_new_tokens = model, layout, with_cot, max_new_tokens
+        self.position_shift = position_shift  # a keep_position stepwise model's (its meta says)
         self.context = context_length(model)
+        if self.context is not None:
+            self.context -= position_shift
 
     @torch.no_grad()
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:
         """Decode a batch of inputs."""
         device = next(self.model.parameters()).device
         ids, mask = left_pad([self.layout.prompt_ids(x) for x in inputs], self.layout.pad_id, device)
-        new = greedy_generate(self.model, ids, mask, self.layout, 2 if self.with_cot else 1, self.max_new_tokens)
+        new = greedy_generate(self.model, ids, mask, self.layout, 2 if self.with_cot else 1, self.max_new_tokens,
+                              self.position_shift)
         return [Prediction(*self.layout.split_generation(row, self.with_cot)) for row in new.tolist()]
 
 
@@ -231,7 +279,8 @@ def load_predictor(path: str, max_new_tokens: int = 256, device: str = "auto", d
     if meta["kind"] == "lm":
         model, tokenizer, meta = load_lm_dir(directory)
         model.to(**place).eval()
-        return LMPredictor(model, Layout(tokenizer), meta.get("layout") == "explicit", max_new_tokens)
+        return LMPredictor(model, Layout(tokenizer), meta.get("layout") == "explicit", max_new_tokens,
+                           meta.get("position_shift", 0))
     if meta["kind"] == "implicit":
         from icot.models.implicit import ImplicitModel, ImplicitPredictor
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from icot.config import IcotConfig, TrainConfig
 from icot.data import Example, read_examples
 from icot.errors import ConfigError
-from icot.evaluation import LMPredictor, evaluate, left_pad
+from icot.evaluation import LMPredictor, evaluate, left_pad, shifted_positions
 from icot.models.lm import (
     build_gpt2,
     context_length,
@@ -174,18 +174,24 @@ def exact_match(correct: int, n: int) -> dict[str, float]:
 
 
 def validate_lm(model: PreTrainedModel, layout: Layout, valid: Sequence[Example], valid_items: Sequence[Encoded],
-                cfg: TrainConfig, with_cot: bool) -> dict[str, float]:
+                cfg: TrainConfig, with_cot: bool, position_shift: int = 0) -> dict[str, float]:
     """Teacher-forced loss and token accuracy on the validation set, exact match on its first lines.
 
+    ``position_shift`` moves every position from the first ``<sep>`` on (stepwise ``keep_position``).
     Each process scores its own shard of the lines (see :mod:`icot.training.distributed`).
     """
     device = next(model.parameters()).device
     mine = shard(valid_items)
     batches = (to_device(lm_batch(c, layout.pad_id), device) for c in chunks(mine, cfg.eval_batch_size))
-    metrics = teacher_forced_metrics(
-        lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, batches)
+
+    def logits_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        positions = shifted_positions(b["input_ids"].shape[1], b["s1"], position_shift) if position_shift else None
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=positions).logits
+
+    metrics = teacher_forced_metrics(logits_of, batches)
     # The budget comes from all the lines, so that every process decodes as one process would.
-    predictor = LMPredictor(model, layout, with_cot, max_new_tokens=answer_budget(valid_items[: cfg.eval_examples]))
+    predictor = LMPredictor(model, layout, with_cot, max_new_tokens=answer_budget(valid_items[: cfg.eval_examples]),
+                            position_shift=position_shift)
     head = shard(valid[: cfg.eval_examples])
     correct = evaluate(predictor, head, batch_size=cfg.eval_batch_size, progress=False,
                        warmup=False)["correct"] if head else 0

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from icot.config import IcotConfig, StepwiseConfig, TrainConfig
+from icot.evaluation import shifted_positions
 from icot.errors import ConfigError
 from icot.models.lm import save_lm_dir
 from icot.tokenizer import IGNORE_INDEX, Encoded
@@ -51,7 +52,8 @@ def scheduled_removal(step: int, per_token: int) -> int:
     return step + 1 if per_token == 0 else step // per_token
 
 
-def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_id: int,
+                      keep_position: bool = False) -> dict[str, torch.Tensor]:
     """Drop the first ``remove[b]`` CoT tokens of each row of an explicit-layout batch.
 
     Rows whose whole CoT goes also lose the second ``<sep>``, becoming ``INPUT <sep> ANSWER <eos>``.
@@ -62,6 +64,8 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_
         batch: ``lm_batch`` of explicit-layout items (right-padded; ``s1``, ``s2`` per row).
         remove: (B,) tokens to remove per row (clipped to the row's CoT length).
         pad_id: padding token id.
+        keep_position: add ``position_ids`` (B, T) that move every position from ``s1`` on right by the
+            row's removal (:func:`icot.evaluation.shifted_positions`).
     """
     ids, mask, s1, s2 = batch["input_ids"], batch["attention_mask"], batch["s1"], batch["s2"]
     cot_len = s2 - s1 - 1  # (B,)
@@ -76,8 +80,11 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_
     # The removed tokens leave padding at the right: drop the columns no row uses, so a batch whose CoT
     # is half gone costs half the compute.
     width = int(new_mask.sum(1).max())
-    return {"input_ids": new_ids[:, :width], "attention_mask": new_mask[:, :width], "labels": labels[:, :width],
-            "s1": s1, "s2": new_s2}
+    out = {"input_ids": new_ids[:, :width], "attention_mask": new_mask[:, :width], "labels": labels[:, :width],
+           "s1": s1, "s2": new_s2}
+    if keep_position:
+        out["position_ids"] = shifted_positions(width, s1, r)
+    return out
 
 
 def cut_encoded(e: Encoded, remove: int) -> Encoded:
@@ -105,6 +112,10 @@ class StepwiseStage(CausalLMStage):
         self.increments = self._increment_steps()
         self.reset_steps = self.increments if self.si.reset_optimizer else []
         self._check_budget(config.stepwise)
+        if self.si.keep_position:
+            self._check_one_cot_length()
+            # The internalized model answers with its positions moved by the whole CoT and second <sep>.
+            self.meta["position_shift"] = self.max_cot + 1
         self.step = 0
         self.removed = 0  # scheduled removal in force
         self.meta["layout"] = "nocot"  # only fully internalized checkpoints are ever saved
@@ -119,6 +130,13 @@ class StepwiseStage(CausalLMStage):
             raise ConfigError(f"field 'stepwise.max_steps': the budget of {total} optimizer steps ends before the "
                               f"CoT is gone at step {gone} ({self.max_cot} tokens, one every {self.per_token} steps); "
                               f"raise stepwise.max_steps / stepwise.epochs or si.remove_per_epoch")
+
+    def _check_one_cot_length(self) -> None:
+        """keep_position leaves a gap of the CoT's length, which inference must know: one length only."""
+        lengths = {e.s2 - e.s1 - 1 for e in self.train_items}
+        if len(lengths) > 1:
+            raise ConfigError(f"field 'si.keep_position': needs CoTs of one length, but the training file's run "
+                              f"from {min(lengths)} to {max(lengths)} tokens", self.config.data.train)
 
     def removal_at(self, step: int) -> int:
         """Scheduled removal at ``step``, with the remove-all rule applied."""
@@ -166,8 +184,9 @@ class StepwiseStage(CausalLMStage):
         # Offsets depend only on (seed, step, row), so a resumed run draws the same ones.
         g = torch.Generator().manual_seed(self.train_cfg.seed * 1_000_003 + self.step)
         offsets = removal_offsets(batch["input_ids"].shape[0], self.si.removal_smoothing_lambda, g)
-        cut = remove_cot_tokens(batch, self.removed + offsets, self.layout.pad_id)
-        out = module(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], labels=cut["labels"])
+        cut = remove_cot_tokens(batch, self.removed + offsets, self.layout.pad_id, self.si.keep_position)
+        out = module(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], labels=cut["labels"],
+                     position_ids=cut.get("position_ids"))
         return out.loss, {"cot_removed": float(self.removed)}
 
     def validate(self, module: nn.Module) -> dict[str, float]:
@@ -178,7 +197,9 @@ class StepwiseStage(CausalLMStage):
         """
         done = self.all_removed()
         items = [cut_encoded(e, self.removed) for e in self.valid_items]
-        metrics = validate_lm(module, self.layout, self.valid, items, self.train_cfg, with_cot=not done)
+        shift = (self.max_cot + 1 if done else self.removed) if self.si.keep_position else 0
+        metrics = validate_lm(module, self.layout, self.valid, items, self.train_cfg, with_cot=not done,
+                              position_shift=shift)
         return {**metrics, "cot_removed": float(self.removed), "eligible": float(done)}
 
     def save(self, module: nn.Module, path: Path) -> None:
