@@ -35,7 +35,8 @@ def test_offsets_follow_exp_minus_lambda_o():
 @pytest.fixture
 def si_config(tiny_config):
     section = dataclasses.replace(tiny_config.teacher, max_steps=30, eval_every=5, batch_size=16)
-    si = dataclasses.replace(tiny_config.si, remove_per_epoch=4, steps_per_epoch=8, removal_smoothing_lambda=math.inf)
+    si = dataclasses.replace(tiny_config.si, remove_per_epoch=4, steps_per_epoch=8, removal_smoothing_lambda=math.inf,
+                             from_teacher=False)
     return dataclasses.replace(tiny_config, stepwise=section, si=si)
 
 
@@ -195,9 +196,11 @@ def test_cut_batch_drops_the_columns_no_row_uses(si_config):
 
 
 def test_from_scratch_ignores_the_teacher(si_config, trained_teacher):
-    scratch = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, from_teacher=False))
-    fresh = stages.build("stepwise", scratch, teacher=str(trained_teacher))
-    from_teacher = stages.build("stepwise", si_config, teacher=str(trained_teacher))
+    fresh = stages.build("stepwise", si_config, teacher=str(trained_teacher))
+    teacher_config = dataclasses.replace(si_config, si=dataclasses.replace(si_config.si, from_teacher=True))
+    from_teacher = stages.build("stepwise", teacher_config, teacher=str(trained_teacher))
+    with pytest.raises(ConfigError, match="needs --teacher"):
+        stages.build("stepwise", teacher_config)
     teacher_weights = load_predictor(str(trained_teacher)).model.state_dict()
     name = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(from_teacher.model.state_dict()[name], teacher_weights[name])
@@ -205,8 +208,7 @@ def test_from_scratch_ignores_the_teacher(si_config, trained_teacher):
 
 
 def test_answer_marker_survives_the_cut(si_config, trained_teacher):
-    marked = dataclasses.replace(si_config, model=dataclasses.replace(si_config.model, answer_marker="####"),
-                                 si=dataclasses.replace(si_config.si, from_teacher=False))
+    marked = dataclasses.replace(si_config, model=dataclasses.replace(si_config.model, answer_marker="####"))
     stage = stages.build("stepwise", marked)
     marker = stage.layout.marker_ids
     assert marker
@@ -217,7 +219,8 @@ def test_answer_marker_survives_the_cut(si_config, trained_teacher):
     assert cut_encoded(item, 99) == nocot
     # A stage may not start from a model whose layout has another marker.
     with pytest.raises(ConfigError, match="answer_marker"):
-        stages.build("stepwise", dataclasses.replace(marked, si=si_config.si), teacher=str(trained_teacher))
+        stages.build("stepwise", dataclasses.replace(marked, si=dataclasses.replace(si_config.si, from_teacher=True)),
+                     teacher=str(trained_teacher))
 
 
 def original_kept_positions(width_before: int, s1: int, removed: int, width_after: int) -> list[int]:

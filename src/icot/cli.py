@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=STAGES)
     train.add_argument("--config", help="YAML config")
     train.add_argument("--out", required=True, help="stage directory to write")
-    train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator; stepwise starts from it)")
+    train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator; stepwise starts from it unless si.from_teacher is false)")
     train.add_argument("--student", default="", help="student stage directory (couple)")
     train.add_argument("--emulator", default="", help="emulator stage directory (couple)")
     train.add_argument("--resume", action="store_true",

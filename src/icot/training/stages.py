@@ -43,6 +43,9 @@ def build(name: str, config: IcotConfig, teacher: str = "", student: str = "", e
     if name == "stepwise":
         from icot.training import stepwise as mod
 
+        if config.si.from_teacher and not (teacher or config.stepwise.init_from):
+            raise ConfigError("stage 'stepwise' needs --teacher DIR (or si.from_teacher: false to train from "
+                              "scratch with the schedule running from step 0)")
         return mod.build(config, teacher)
     if name == "couple":
         from icot.training import couple as mod
