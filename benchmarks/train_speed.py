@@ -60,11 +60,12 @@ def train_rate(metrics: Path) -> tuple[float, float]:
 
 
 def measure_stage(name: str, data: Path, valid: Path, shape: tuple[int, int, int], batch_size: int, steps: int,
-                  mixed_precision: str) -> dict[str, float]:
+                  mixed_precision: str, compile_: bool = False) -> dict[str, float]:
     """Examples/s and achieved GFLOP/s of stage ``name``'s training loop on ``shape = (L, H, heads)``."""
     n_layer, n_embd, n_head = shape
     section = {"batch_size": batch_size, "lr": 5e-5, "max_steps": steps, "eval_every": 0, "eval_examples": 8,
-               "eval_batch_size": 8, "log_every": max(1, steps // 6), "mixed_precision": mixed_precision}
+               "eval_batch_size": 8, "log_every": max(1, steps // 6), "mixed_precision": mixed_precision,
+               "compile": compile_}
     config = load_config(overrides={
         "data": {"train": str(data), "valid": str(valid), "test": str(valid)},
         "model": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": 256},
@@ -77,7 +78,7 @@ def measure_stage(name: str, data: Path, valid: Path, shape: tuple[int, int, int
         rate, seconds = train_rate(Path(out) / "stage" / "metrics.jsonl")
     flops = train_flops_per_row(n_layer, n_embd, len(stage.tokenizer), tokens) * rate
     return {"stage": name, "layers": n_layer, "width": n_embd, "heads": n_head, "batch_size": batch_size, "tokens": tokens,
-            "mixed_precision": mixed_precision, "examples_per_second": rate, "gflops": flops / 1e9,
+            "mixed_precision": mixed_precision, "compile": compile_, "examples_per_second": rate, "gflops": flops / 1e9,
             "timed_seconds": seconds}
 
 
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="training batch size")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
     ap.add_argument("--precisions", nargs="+", default=["bf16", "no"], help="mixed_precision values to compare")
+    ap.add_argument("--compile", choices=["no", "yes", "both"], default="no",
+                    help="torch.compile the training forward (its compilation happens before the first train log)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args()
@@ -113,12 +116,14 @@ def main() -> None:
         for shape in args.shapes:
             for name in ("teacher", "nocot"):
                 for precision in args.precisions:
-                    r = measure_stage(name, train, valid, parse_shape(shape), args.batch_size, args.steps, precision)
-                    r["of_bf16_peak"] = r["gflops"] / peaks["bfloat16"]["gflops"]
-                    runs.append(r)
-                    print(f"{name:>7} {shape} {precision:>4} ({r['tokens']} tokens): {r['examples_per_second']:.1f} "
-                          f"examples/s, {r['gflops']:.0f} GFLOP/s = {100 * r['of_bf16_peak']:.0f}% of the bf16 peak",
-                          flush=True)
+                    for compile_ in {"no": [False], "yes": [True], "both": [False, True]}[args.compile]:
+                        r = measure_stage(name, train, valid, parse_shape(shape), args.batch_size, args.steps,
+                                          precision, compile_)
+                        r["of_bf16_peak"] = r["gflops"] / peaks["bfloat16"]["gflops"]
+                        runs.append(r)
+                        print(f"{name:>7} {shape} {precision:>4}{' compiled' if compile_ else ''} ({r['tokens']} tokens): "
+                              f"{r['examples_per_second']:.1f} examples/s, {r['gflops']:.0f} GFLOP/s = "
+                              f"{100 * r['of_bf16_peak']:.0f}% of the bf16 peak", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "peaks": peaks, "stages": runs,

@@ -21,6 +21,7 @@ def _script(name: str):
 
 probe = _script("probe_teacher_states")
 profile = _script("profile_paths")
+train_speed = _script("train_speed")
 
 
 @pytest.mark.parametrize("hidden", [0, 32])
@@ -79,3 +80,18 @@ def test_median_ms_interleaves_the_calls_and_skips_warm_up():
     report = profile.median_ms(calls, repeats=3)
     assert order == ["a", "b"] * 5  # 2 warm-up rounds, then 3 measured ones, a and b alternating
     assert set(report) == {"a_ms", "b_ms"} and all(v >= 0 for v in report.values())
+
+
+def test_train_flops_count_the_matmuls_of_a_gpt2():
+    # 1 layer, width 4, vocabulary 10, 3 tokens: per token 24*16 + 4*3*4 (attention) + 2*4*10 (LM head).
+    assert train_speed.train_flops_per_row(1, 4, 10, 3) == 3 * (24 * 16 + 4 * 3 * 4 + 2 * 4 * 10) * 3
+
+
+def test_train_speed_times_the_loop_from_its_own_logs(session_data):
+    train, valid = session_data
+    r = train_speed.measure_stage("nocot", train, valid, (2, 32, 2), batch_size=16, steps=12, mixed_precision="no")
+    assert r["stage"] == "nocot" and r["examples_per_second"] > 0 and r["gflops"] > 0
+    # The timed stretch is the first to the last train log: 10 of the 12 steps (logs every 2 steps).
+    assert 0 < r["timed_seconds"]
+    assert train_speed.parse_shape("2x768x4") == (2, 768, 4)
+    assert train_speed.matmul_peak(torch.float32, sizes=(64,), repeats=1)["gflops"] > 0
