@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def _script(name: str):
 probe = _script("probe_teacher_states")
 profile = _script("profile_paths")
 train_speed = _script("train_speed")
+si_curves = _script("si_curves")
 
 
 @pytest.mark.parametrize("hidden", [0, 32])
@@ -95,3 +97,14 @@ def test_train_speed_times_the_loop_from_its_own_logs(session_data):
     assert 0 < r["timed_seconds"]
     assert train_speed.parse_shape("2x768x4") == (2, 768, 4)
     assert train_speed.matmul_peak(torch.float32, sizes=(64,), repeats=1)["gflops"] > 0
+
+
+def test_si_summary_splits_the_schedule_at_the_cot_s_end(tmp_path):
+    records = [{"event": "validate", "step": s, "examples": 32 * s, "val_cot_removed": float(min(s, 3)),
+                "val_accuracy": acc, "val_token_accuracy": 0.9, "val_eligible": float(s >= 3)}
+               for s, acc in [(1, 0.5), (2, 0.25), (3, 0.0), (4, 0.75)]]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = si_curves.summary(metrics)
+    assert row["best_exact_with_cot_left"] == 0.5 and row["best_exact_cot_gone"] == 0.75
+    assert row["steps"] == 4 and row["cot_removed"] == 3.0 and row["validations"] == 4
