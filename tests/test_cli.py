@@ -202,3 +202,39 @@ def test_too_little_training_data_is_one_line_error(config_file, tmp_path, capsy
                  "--data.max_train_examples", "5"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "batch" in lines[0]
+
+
+def test_train_refuses_to_replace_a_run_without_overwrite(config_file, tmp_path, capsys):
+    out = tmp_path / "teacher"
+    args = ["train", "teacher", "--config", str(config_file), "--out", str(out), "--teacher.max_steps", "2",
+            "--teacher.eval_every", "0"]
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    # A finished stage, under its own name or another stage's, is not retrained over.
+    assert main(args) == 2
+    assert "holds a done 'teacher' stage: pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    nocot = ["train", "nocot", "--config", str(config_file), "--out", str(out), "--nocot.max_steps", "2"]
+    assert main(nocot) == 2
+    assert (out / "metrics.jsonl").read_text() == before and read_meta(out)["stage"] == "teacher"
+    assert main(args + ["--resume", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    # An unfinished run with a checkpoint: refused too, so that its checkpoint survives.
+    meta = read_meta(out)
+    (out / "icot.json").write_text(json.dumps({**meta, "status": "running"}))
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "trainer_state.json").write_text("{}")
+    assert main(args) == 2
+    assert "an unfinished 'teacher' run with a checkpoint" in capsys.readouterr().err
+    assert (out / "checkpoint" / "trainer_state.json").is_file()
+    # --overwrite replaces it.
+    assert main(args + ["--overwrite", "--teacher.seed", "3"]) == 0
+    assert load_config(out / "config.yaml").teacher.seed == 3 and stage_is_done(out)
+
+
+def test_gsm8k_conversion_refuses_to_overwrite_its_source(tmp_path, capsys):
+    source = tmp_path / "train.txt"
+    source.write_text("Q||A <<1+1=2>> #### 2\n")
+    assert main(["data", "gsm8k", "--in", str(source), "--out", str(tmp_path / "." / "train.txt")]) == 2
+    assert "would overwrite its source" in capsys.readouterr().err
+    assert source.read_text() == "Q||A <<1+1=2>> #### 2\n"

@@ -31,8 +31,12 @@ def _data_mult(args: argparse.Namespace) -> None:
 
 
 def _data_gsm8k(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from icot.data.gsm8k import convert_original
 
+    if Path(args.out).resolve() == Path(args.input).resolve():
+        raise IcotInputError("--out is the --in file: the conversion would overwrite its source", args.out)
     report = convert_original(args.input, args.out)
     print(report.summary())
 
@@ -41,11 +45,38 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from icot.config import load_config
     from icot.training import stages
 
+    _check_out(args)
     config = load_config(args.config, overrides)
     result = stages.run(args.stage, config, args.out, resume=args.resume, teacher=args.teacher,
                         student=args.student, emulator=args.emulator)
     if _is_main_process():
         print(json.dumps(result, indent=2))
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse to train over a stage directory's work unless told how: ``--resume`` continues an unfinished
+    run from its checkpoint, ``--overwrite`` replaces whatever is there."""
+    from pathlib import Path
+
+    from icot.models.lm import read_meta
+    from icot.training.loop import can_resume
+
+    if args.resume and args.overwrite:
+        raise IcotInputError("--resume and --overwrite exclude each other", args.out)
+    out = Path(args.out)
+    if args.resume or args.overwrite or not (out / "icot.json").is_file():
+        return
+    try:
+        meta = read_meta(out)
+    except IcotInputError:
+        meta = {}
+    what = f"a {meta.get('kind', 'model')} directory"
+    if meta.get("kind") == "stage":
+        if can_resume(out):
+            what = f"an unfinished '{meta.get('stage')}' run with a checkpoint"
+        else:
+            what = f"a {meta.get('status', 'finished')} '{meta.get('stage')}' stage"
+    raise IcotInputError(f"holds {what}: pass --resume to continue it or --overwrite to replace it", args.out)
 
 
 def _is_main_process() -> bool:
@@ -124,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--emulator", default="", help="emulator stage directory (couple)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint (written every save_every steps and on SIGINT/SIGTERM)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace what OUT holds (a finished stage, or a run with a checkpoint); without it "
+                            "icot train refuses such an OUT")
 
     ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
     ev.add_argument("--model", required=True, help="model or stage directory")
