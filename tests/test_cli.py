@@ -238,3 +238,24 @@ def test_gsm8k_conversion_refuses_to_overwrite_its_source(tmp_path, capsys):
     assert main(["data", "gsm8k", "--in", str(source), "--out", str(tmp_path / "." / "train.txt")]) == 2
     assert "would overwrite its source" in capsys.readouterr().err
     assert source.read_text() == "Q||A <<1+1=2>> #### 2\n"
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "-1"), ("--batch-size", "0"), ("--limit", "-1"),
+                                         ("--max-new-tokens", "0"), ("--batch-size", "two")])
+def test_eval_numeric_options_are_range_checked(trained_nocot, flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", str(trained_nocot), "--data", "unused.txt", flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and ("must be >=" in err or "expected an integer" in err)
+
+
+def test_predict_refuses_an_empty_input(trained_nocot, capsys):
+    assert main(["predict", "--model", str(trained_nocot), "1 2 * 3 4", " "]) == 2
+    assert "<input>:2: the INPUT is empty" in capsys.readouterr().err
+
+
+def test_infinite_epochs_are_refused(config_file, tmp_path, capsys):
+    assert main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
+                 "--teacher.epochs", ".inf"]) == 2
+    assert "teacher.epochs': must be > 0 and finite" in capsys.readouterr().err

@@ -105,6 +105,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from icot.evaluation import check_inputs, load_predictor
 
+    empty = next((i for i, text in enumerate(args.inputs, start=1) if not text.strip()), None)
+    if empty is not None:
+        raise IcotInputError("the INPUT is empty", "<input>", empty)
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
                                dtype=args.dtype)
     check_inputs(predictor, args.inputs)
@@ -120,6 +123,20 @@ def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
 
     config = load_config(args.config, overrides)
     run_pipeline(config, args.out)
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``, refused with one line otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _decode_flags(parser: argparse.ArgumentParser) -> None:
@@ -162,15 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
     ev.add_argument("--model", required=True, help="model or stage directory")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--limit", type=int, default=0)
-    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=_int_at_least(1), default=1, help="examples decoded together (1: the papers')")
+    ev.add_argument("--limit", type=_int_at_least(0), default=0, help="evaluate the first N lines (0: all)")
+    ev.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="decoding budget per example")
     ev.add_argument("--json", help="also write the result here")
     _decode_flags(ev)
 
     pr = sub.add_parser("predict", help="answer inputs")
     pr.add_argument("--model", required=True)
-    pr.add_argument("--max-new-tokens", type=int, default=256)
+    pr.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="decoding budget per example")
     pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
     _decode_flags(pr)
 

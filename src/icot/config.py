@@ -172,7 +172,7 @@ class TrainConfig:
         self._check_ranges(self.SECTION)
 
     def _check_ranges(self, section: str) -> None:
-        _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
+        _check(0 < self.epochs < math.inf, f"{section}.epochs", "must be > 0 and finite")
         _check(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
         _check(self.max_minutes >= 0, f"{section}.max_minutes", "must be >= 0")
         _check(self.batch_size > 0, f"{section}.batch_size", "must be > 0")
