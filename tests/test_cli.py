@@ -259,3 +259,10 @@ def test_infinite_epochs_are_refused(config_file, tmp_path, capsys):
     assert main(["train", "teacher", "--config", str(config_file), "--out", str(tmp_path / "t"),
                  "--teacher.epochs", ".inf"]) == 2
     assert "teacher.epochs': must be > 0 and finite" in capsys.readouterr().err
+
+
+def test_data_mult_refuses_a_count_that_cannot_fit_in_memory(tmp_path, capsys):
+    out = tmp_path / "huge.txt"
+    assert main(["data", "mult", "--digits", "19", "--count", "100000000000", "--out", str(out)]) == 2
+    assert "GiB table of operand digits" in capsys.readouterr().err
+    assert not out.exists()

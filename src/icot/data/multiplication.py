@@ -264,6 +264,10 @@ def _lines_matrix(pairs: np.ndarray, digits_a: int, digits_b: int) -> np.ndarray
     return np.concatenate(parts, axis=1)
 
 
+# 808k lines of 11x11 hold 18 MB of operand digits; this bound only stops requests that cannot fit.
+MAX_TABLE_BYTES = 4 * 2**30
+
+
 def _check_request(digits_a: int, digits_b: int, count: int) -> None:
     """Validates the sizes and the count."""
     for name, digits in (("digits_a", digits_a), ("digits_b", digits_b)):
@@ -271,6 +275,11 @@ def _check_request(digits_a: int, digits_b: int, count: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {digits!r}")
     if isinstance(count, bool) or not isinstance(count, Integral) or count < 0:
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    table = count * (digits_a + digits_b)  # bytes of the operand-digit table the draw holds in memory
+    if table > MAX_TABLE_BYTES:
+        raise ValueError(f"count {count} of {digits_a}x{digits_b} examples needs a {table / 2**30:.1f} GiB table of "
+                         f"operand digits, more than the {MAX_TABLE_BYTES // 2**30} GiB allowed: write several "
+                         f"files, each with --exclude of the ones before")
 
 
 def _generate_pairs(digits_a, digits_b, count, seed, exclude: Iterable[str]):
