@@ -164,3 +164,55 @@ def test_save_atomically_keeps_old_directory_when_writer_fails(tmp_path):
         save_atomically(tmp_path / "fresh", failing)
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def _copy_model(trained_nocot, tmp_path):
+    import shutil
+
+    from icot.training.loop import model_path
+
+    target = tmp_path / "model"
+    shutil.copytree(model_path(trained_nocot), target)
+    return target
+
+
+def test_truncated_weights_are_one_checkpoint_error(trained_nocot, tmp_path):
+    from icot.errors import CheckpointError
+    from icot.models.lm import load_lm_dir
+
+    model = _copy_model(trained_nocot, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot load the model: SafetensorError"):
+        load_lm_dir(model)
+
+
+def test_config_that_does_not_match_the_weights_is_refused(trained_nocot, tmp_path):
+    import json
+
+    from icot.errors import CheckpointError
+    from icot.models.lm import load_lm_dir
+
+    model = _copy_model(trained_nocot, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
+    with pytest.raises(CheckpointError, match="does not match model.safetensors .* e.g. transformer.h.2"):
+        load_lm_dir(model)
+
+
+def test_stage_meta_without_model_and_a_nocot_teacher_are_refused(trained_nocot, tmp_path):
+    import json
+    import shutil
+
+    from icot.errors import CheckpointError
+    from icot.models.lm import read_meta, require_explicit
+    from icot.training.loop import model_path
+
+    stage = tmp_path / "stage"
+    shutil.copytree(trained_nocot, stage)
+    meta = read_meta(stage)
+    with pytest.raises(CheckpointError, match="not a teacher: its layout is 'nocot'"):
+        require_explicit(read_meta(model_path(stage)), stage)
+    (stage / "icot.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
+    with pytest.raises(CheckpointError, match="lacks field 'model'"):
+        model_path(stage)

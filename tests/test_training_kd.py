@@ -139,3 +139,17 @@ def test_couple_stage_writes_implicit_model(kd_config, student_dir, emulator_dir
     assert [p.cot for p in preds] == ["", ""]
     reloaded = ThoughtEmulator.from_pretrained(model_path(out) / "emulator")[0]
     assert reloaded.n_layers == 2
+
+
+def test_a_nocot_model_is_not_accepted_as_teacher(session_config, trained_nocot):
+    from icot.errors import CheckpointError
+    from icot.training import stages
+
+    for name in ("student", "emulator"):
+        with pytest.raises(CheckpointError, match="not a teacher"):
+            stages.build(name, session_config, teacher=str(trained_nocot))
+    import dataclasses
+
+    with pytest.raises(CheckpointError, match="not a teacher"):
+        stages.build("stepwise", dataclasses.replace(session_config, stepwise=dataclasses.replace(
+            session_config.stepwise, epochs=100)), teacher=str(trained_nocot))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -52,13 +53,20 @@ def load_pretrained_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> 
         CheckpointError: naming the path when the model cannot be read or does not fit the tokenizer.
     """
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
-    except (OSError, ValueError) as e:
+        model, report = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                             output_loading_info=True)
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or garbled file
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"cannot load the model: {first}", path) from None
+        raise CheckpointError(f"cannot load the model: {type(e).__name__}: {first}", path) from None
     except RuntimeError:  # transformers has printed its load report: which tensor, which shapes
         raise CheckpointError("cannot load the model: a tensor of model.safetensors does not fit config.json "
                               "(see the load report above)", path) from None
+    # transformers initialises weights the file lacks at random and only prints a report: a model that is
+    # partly random must not answer (unexpected extra tensors, e.g. old buffers, are harmless).
+    bad = sorted(report["missing_keys"]) + sorted(report["mismatched_keys"])
+    if bad:
+        raise CheckpointError(f"cannot load the model: config.json does not match model.safetensors ({len(bad)} "
+                              f"tensors missing or of another shape, e.g. {bad[0]})", path)
     n_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_vocab:
         raise CheckpointError(
@@ -104,6 +112,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or "kind" not in meta:
         raise CheckpointError("missing field 'kind'", meta_path)
     return meta
+
+
+def require_explicit(meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse a model that is not an explicit-CoT teacher where one is needed (distillation, ICoT-SI)."""
+    if meta.get("layout") != "explicit":
+        raise CheckpointError(f"not a teacher: its layout is '{meta.get('layout')}', not 'explicit' (give the "
+                              "teacher stage's directory)", path)
 
 
 def write_meta(path: str | Path, meta: dict[str, Any]) -> None:

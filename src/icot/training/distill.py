@@ -18,7 +18,7 @@ from icot.config import IcotConfig, KDConfig, TrainConfig
 from icot.data import Example
 from icot.errors import CheckpointError
 from icot.evaluation import normalize_answer
-from icot.models.lm import hidden_size, load_lm_dir, n_layers
+from icot.models.lm import hidden_size, load_lm_dir, n_layers, require_explicit
 from icot.models.teacher_states import extract_teacher_states, teacher_positions
 from icot.tokenizer import Encoded, Layout
 from icot.training.causal_lm import (
@@ -68,6 +68,7 @@ class FrozenTeacher(nn.Module):
     def __init__(self, stage_dir: str, kd: KDConfig):
         super().__init__()
         self.lm, self.tokenizer, self.meta = load_lm_dir(model_path(stage_dir))
+        require_explicit(self.meta, stage_dir)
         self.lm.eval()
         self.lm.requires_grad_(False)
         self.kd = kd

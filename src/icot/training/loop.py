@@ -147,7 +147,12 @@ def stage_is_done(out_dir: str | Path) -> bool:
 def model_path(stage_dir: str | Path) -> Path:
     """The model directory inside a stage directory (the stage's best checkpoint)."""
     meta = read_meta(stage_dir)
-    return Path(stage_dir) / meta["model"] if meta["kind"] == "stage" else Path(stage_dir)
+    if meta["kind"] != "stage":
+        return Path(stage_dir)
+    if not isinstance(meta.get("model"), str):
+        raise CheckpointError("a stage's icot.json lacks field 'model' (the model directory inside it)",
+                              Path(stage_dir) / "icot.json")
+    return Path(stage_dir) / meta["model"]
 
 
 def can_resume(out_dir: str | Path) -> bool:

@@ -22,9 +22,10 @@ from torch import nn
 from icot.config import IcotConfig, StepwiseConfig, TrainConfig
 from icot.evaluation import shifted_positions
 from icot.errors import ConfigError
-from icot.models.lm import save_lm_dir
+from icot.models.lm import read_meta, require_explicit, save_lm_dir
 from icot.tokenizer import IGNORE_INDEX, Encoded
 from icot.training.causal_lm import CausalLMStage, lm_batch, validate_lm
+from icot.training.loop import model_path
 
 
 def removal_offsets(n: int, lam: float, generator: torch.Generator) -> torch.Tensor:
@@ -102,6 +103,8 @@ class StepwiseStage(CausalLMStage):
     """Fine-tune an explicit-CoT model while its CoT is removed token by token from the left."""
 
     def __init__(self, config: IcotConfig, init_from: str = ""):
+        if init_from:
+            require_explicit(read_meta(model_path(init_from)), init_from)
         super().__init__("stepwise", config, config.stepwise, with_cot=True, init_from=init_from,
                          meta={"method": "icot-si"})
         self.si = config.si
