@@ -209,3 +209,14 @@ def test_save_then_load_round_trips(tmp_path):
     # Defaults round trip too (None and empty strings included).
     save_config(IcotConfig(), path)
     assert load_config(path) == IcotConfig()
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: {lr: 1.0e-3}\nnocot: {lr: 2.0e-3}\nteacher: {lr: 5.0e-4}\n")
+    with pytest.raises(ConfigError, match="key 'teacher' given twice \\(line 3\\)") as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    path.write_text("teacher: {lr: 1.0e-3, lr: 2.0e-3}\n")
+    with pytest.raises(ConfigError, match="key 'lr' given twice"):
+        load_config(path)

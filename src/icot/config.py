@@ -480,6 +480,20 @@ def _fix_types(data: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not the last one wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice (line "
+                                                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> IcotConfig:
     """Read a YAML config (or defaults when ``path`` is None) and apply overrides.
 
@@ -490,7 +504,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)
+        except yaml.MarkedYAMLError as e:  # one line: the problem and where, without PyYAML's excerpt
+            where = f" (line {e.problem_mark.line + 1})" if e.problem_mark and "line" not in str(e.problem) else ""
+            raise ConfigError(f"cannot read config: {e.problem}{where}", path) from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read config: {e}", path) from None
         if loaded is not None and not isinstance(loaded, dict):
