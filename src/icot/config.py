@@ -480,18 +480,23 @@ def _fix_types(data: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not the last one wins."""
+def _refuse_duplicate_keys(node: yaml.Node | None) -> None:
+    """PyYAML keeps the last of two equal keys in a mapping; a config that says a thing twice is an error.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    Walks the composed node tree (no object is constructed), then ``safe_load`` reads the values.
+    """
+    if isinstance(node, yaml.MappingNode):
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice (line "
-                                                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise yaml.MarkedYAMLError(problem=f"key '{key.value}' given twice (line {key.start_mark.line + 1})",
+                                               problem_mark=key.start_mark)
+                seen.add(key.value)
+            _refuse_duplicate_keys(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> IcotConfig:
@@ -504,7 +509,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
-            loaded = yaml.load(text, Loader=_UniqueKeyLoader)
+            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+            loaded = yaml.safe_load(text)
         except yaml.MarkedYAMLError as e:  # one line: the problem and where, without PyYAML's excerpt
             where = f" (line {e.problem_mark.line + 1})" if e.problem_mark and "line" not in str(e.problem) else ""
             raise ConfigError(f"cannot read config: {e.problem}{where}", path) from None
