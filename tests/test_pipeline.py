@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from icot.cli import main
 from icot.config import load_config
-from icot.pipeline import plot_stepwise, results_markdown, stages_for, stepwise_validations
+from icot.pipeline import plot_stepwise, results_markdown, stage_depends, stages_for, stepwise_validations
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -24,6 +25,11 @@ def test_stages_for_methods():
     assert stages_for(["icot-si"]) == ["teacher", "stepwise"]
     assert stages_for(["icot-si"], si_from_teacher=False) == ["stepwise"]  # from scratch: no teacher
     assert stages_for(["explicit", "icot-si"], si_from_teacher=False) == ["teacher", "stepwise"]
+    config = load_config()
+    assert "teacher" in stage_depends("stepwise", config)
+    scratch = dataclasses.replace(config, si=dataclasses.replace(config.si, from_teacher=False))
+    assert "teacher" not in stage_depends("stepwise", scratch) and "si" in stage_depends("stepwise", scratch)
+    assert stage_depends("student", scratch) == stage_depends("student", config)
 
 
 def test_stepwise_curve_reads_validations_and_plots(tmp_path):

@@ -483,7 +483,7 @@ def _fix_types(data: dict[str, Any], cls: type) -> dict[str, Any]:
 def _refuse_duplicate_keys(node: yaml.Node | None) -> None:
     """PyYAML keeps the last of two equal keys in a mapping; a config that says a thing twice is an error.
 
-    Walks the composed node tree (no object is constructed), then ``safe_load`` reads the values.
+    Walks the composed node tree before any object is constructed from it.
     """
     if isinstance(node, yaml.MappingNode):
         seen = set()
@@ -499,6 +499,17 @@ def _refuse_duplicate_keys(node: yaml.Node | None) -> None:
             _refuse_duplicate_keys(item)
 
 
+def _read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` in its two steps, one parse: compose the nodes, refuse a repeated key, construct."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        _refuse_duplicate_keys(node)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> IcotConfig:
     """Read a YAML config (or defaults when ``path`` is None) and apply overrides.
 
@@ -508,9 +519,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
-            loaded = yaml.safe_load(text)
+            loaded = _read_yaml(Path(path).read_text(encoding="utf-8"))
         except yaml.MarkedYAMLError as e:  # one line: the problem and where, without PyYAML's excerpt
             where = f" (line {e.problem_mark.line + 1})" if e.problem_mark and "line" not in str(e.problem) else ""
             raise ConfigError(f"cannot read config: {e.problem}{where}", path) from None

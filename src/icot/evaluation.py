@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from contextlib import contextmanager, nullcontext
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol

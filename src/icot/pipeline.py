@@ -50,6 +50,14 @@ BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "i
                "icot-si": "icot-si-batched"}
 
 
+def stage_depends(name: str, config: IcotConfig) -> tuple[str, ...]:
+    """The config sections stage ``name``'s output depends on: ``DEPENDS``, less the teacher for a stepwise
+    stage trained from scratch (``si.from_teacher: false``)."""
+    if name == "stepwise" and not config.si.from_teacher:
+        return tuple(d for d in DEPENDS[name] if d != "teacher")
+    return DEPENDS[name]
+
+
 def stages_for(methods: list[str], si_from_teacher: bool = True) -> list[str]:
     """The stages a list of methods needs, in training order (``icot-si`` needs the teacher only when
     stepwise internalization starts from it, ``si.from_teacher``)."""
@@ -110,9 +118,7 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
     dirs = {name: run_dir / STAGE_DIRS[name] for name in STAGE_DIRS}
     for name in stages_for(config.methods, config.si.from_teacher):
         out = dirs[name]
-        depends = DEPENDS[name]
-        if name == "stepwise" and not config.si.from_teacher:  # trained from scratch: no teacher in it
-            depends = tuple(d for d in depends if d != "teacher")
+        depends = stage_depends(name, config)
         if stage_is_done(out) and _same_config(out, config, depends):
             meta = json.loads((out / "icot.json").read_text())
             report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from icot.config import IcotConfig, StepwiseConfig, TrainConfig
-from icot.evaluation import shifted_positions
 from icot.errors import ConfigError
+from icot.evaluation import shifted_positions
 from icot.models.lm import read_meta, require_explicit, save_lm_dir
 from icot.tokenizer import IGNORE_INDEX, Encoded
 from icot.training.causal_lm import CausalLMStage, lm_batch, validate_lm
