@@ -26,7 +26,8 @@ import torch
 
 from icot.config import IcotConfig, load_config
 from icot.data import read_examples
-from icot.evaluation import left_pad, load_predictor, write_json
+from icot.evaluation import load_predictor, write_json
+from icot.generation import left_pad
 from icot.training.loop import train_stage
 from icot.training.stages import build as build_stage
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from icot.cli import main
+from icot.cli import build_parser, main
 from icot.config import load_config, save_config
 from icot.data import read_examples, read_inputs
-from icot.evaluation import decode_device, load_predictor
-from icot.models.lm import read_meta
-from icot.training.loop import stage_is_done
+from icot.devices import decode_device
+from icot.evaluation import load_predictor
+from icot.rundir import read_meta, stage_is_done
+from icot.training import stages
 
 
 def _error_lines(err: str) -> list[str]:
@@ -266,3 +268,44 @@ def test_data_mult_refuses_a_count_that_cannot_fit_in_memory(tmp_path, capsys):
     assert main(["data", "mult", "--digits", "19", "--count", "100000000000", "--out", str(out)]) == 2
     assert "GiB table of operand digits" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_data_check_lists_bad_lines_and_exits_2(tmp_path, capsys):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    assert main(["data", "mult", "--digits", "2", "--count", "20", "--out", str(good)]) == 0
+    lines = good.read_text(encoding="utf-8").splitlines()
+    lines[6] = lines[6][:-1] + str((int(lines[6][-1]) + 1) % 10)  # the answer's last digit, off by one
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["data", "check", str(good)]) == 0
+    assert main(["data", "check", str(good), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith(f"{bad}:7: ANSWER does not follow")]
+    assert len(out.splitlines()) == 1 and f"{bad}: 20 lines, 1 whose" in err and f"{good}: 20 lines, 0 whose" in err
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield name, child
+                yield from _subparsers(child)
+
+
+def test_every_option_has_help_and_the_overrides_are_explained():
+    parser = build_parser()
+    assert "``" not in parser.description and "ICoT-SI" in parser.description
+    commands = dict(_subparsers(parser))
+    for name, child in commands.items():
+        for action in child._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    for name in ("train", "pipeline"):
+        assert "--SECTION.FIELD VALUE" in commands[name].description
+    assert "icot-si" in commands["pipeline"].description
+    assert tuple(commands["train"]._actions[1].choices) == stages.ORDER  # the CLI's stages are the registry's
+
+
+def test_pipeline_accepts_resume(tmp_path, capsys):
+    args, extra = build_parser().parse_known_args(["pipeline", "c.yaml", "--out", str(tmp_path), "--resume"])
+    assert args.resume and extra == []

@@ -8,6 +8,8 @@ import pytest
 
 from icot.data import read_examples, read_inputs
 from icot.data.multiplication import (
+    check_file,
+    check_line,
     format_input,
     generate_examples,
     make_example,
@@ -125,3 +127,28 @@ def test_training_file_excludes_validation_inputs(tmp_path):
     examples = read_examples(out)
     assert len(examples) == 3000
     assert not {e.input for e in examples} & read_inputs(_valid_path("4x4"))
+
+
+def test_check_accepts_every_validation_line():
+    assert check_file(_valid_path("5x5")) == (1000, [])
+
+
+def test_check_reports_every_line_that_does_not_follow_from_its_input(tmp_path):
+    good = make_example(3719, 3349, 4, 4)
+    lines = [
+        good,
+        good.replace("#### 1 3 9", "#### 2 3 9"),          # 2: a wrong answer digit
+        good.replace("1 7 4 3 3 +", "1 7 4 3 4 +"),          # 3: a wrong partial product
+        "9 1 7 3 * 9 4 3 3||1 7 4 3 3",                     # 4: no answer marker
+        "9 1 7 x * 9 4 3 3||1 #### 2",                      # 5: not a multiplication
+        good,
+    ]
+    path = tmp_path / "corrupt.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    checked, problems = check_file(path)
+    assert checked == 6
+    assert [p.line for p in problems] == [2, 3, 4, 5] and all(p.path == str(path) for p in problems)
+    assert "ANSWER does not follow" in problems[0].problem and "'1 3 9 4 5 4 2 1'" in problems[0].problem
+    assert "COT does not follow" in problems[1].problem
+    assert "'####'" in problems[2].problem and "non-digit symbol 'x'" in problems[3].problem
+    check_line(good)  # the reference line itself passes

@@ -8,22 +8,12 @@ import pytest
 import torch
 
 from icot.data import Example, read_examples
+from icot.devices import decode_device, process_state
 from icot.errors import CheckpointError, ConfigError
-from icot.evaluation import (
-    LMPredictor,
-    Prediction,
-    StopAfterEos,
-    decode_device,
-    evaluate,
-    greedy_generate,
-    left_pad,
-    load_predictor,
-    predict_all,
-    shifted_positions,
-)
+from icot.evaluation import LMPredictor, Prediction, evaluate, load_predictor
+from icot.generation import StopAfterEos, greedy_generate, left_pad, shifted_positions
 from icot.models.lm import load_lm_dir
 from icot.tokenizer import Layout
-from icot.training.distributed import process_state
 
 EOS = 0
 
@@ -59,6 +49,10 @@ def _inputs(config, n=20) -> list[Example]:
     return read_examples(config.data.valid)[:n]
 
 
+def _predict_in_batches(predictor, inputs, batch_size):
+    return [p for i in range(0, len(inputs), batch_size) for p in predictor.predict(inputs[i:i + batch_size])]
+
+
 @pytest.fixture(scope="module")
 def predictors(trained_teacher, trained_nocot):
     return {"teacher": load_predictor(str(trained_teacher), max_new_tokens=24),
@@ -69,8 +63,8 @@ def predictors(trained_teacher, trained_nocot):
 def test_batched_predictions_equal_batch_one(predictors, session_config, name):
     predictor = predictors[name]
     inputs = [ex.input for ex in _inputs(session_config)]
-    one = predict_all(predictor, inputs, batch_size=1)
-    seven = predict_all(predictor, inputs, batch_size=7)  # 7 + 7 + 6: uneven batches
+    one = _predict_in_batches(predictor, inputs, 1)
+    seven = _predict_in_batches(predictor, inputs, 7)  # 7 + 7 + 6: uneven batches
     assert len(one) == len(seven) == 20
     assert seven == one
     # Not a vacuous comparison: the model's output depends on its input.
@@ -152,7 +146,7 @@ def test_evaluate_on_trained_model(predictors, session_config, name):
     result = evaluate(predictor, examples, batch_size=5, progress=False)
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["n"] == len(examples) and result["examples_per_second"] > 0 and result["seconds"] > 0
-    preds = predict_all(predictor, [ex.input for ex in examples], batch_size=1)
+    preds = _predict_in_batches(predictor, [ex.input for ex in examples], 1)
     hand = sum(p.answer.split() == ex.answer.split() for p, ex in zip(preds, examples))
     assert result["correct"] == hand
     assert result["accuracy"] == pytest.approx(hand / len(examples))

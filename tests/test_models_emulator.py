@@ -11,8 +11,8 @@ from icot.data.multiplication import make_example
 from icot.errors import CheckpointError
 from icot.models.checkpoint import MODULES_FILE
 from icot.models.emulator import ThoughtEmulator, component_loss, state_loss
-from icot.models.lm import read_meta
 from icot.models.student import position_ids_from_mask
+from icot.rundir import read_meta
 from icot.tokenizer import build_word_tokenizer
 
 H, VOCAB = 16, 40

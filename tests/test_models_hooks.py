@@ -17,7 +17,6 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from icot.models import hooks
 from icot.models.hooks import HiddenStateEditor, find_blocks, read_states
 
 VOCAB = 50
@@ -142,11 +141,6 @@ def test_dtype_and_cur_gradient(model, batch):
     assert scale.grad is not None and scale.grad != 0
 
 
-NEEDS_HOOKS_OUTSIDE_CHECKPOINT = pytest.mark.skipif(not hooks.HOOKS_OUTSIDE_CHECKPOINT,
-                                                    reason="transformers < 5.23 checkpoints the blocks' __call__")
-
-
-@NEEDS_HOOKS_OUTSIDE_CHECKPOINT
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_same_gradients(model, batch, use_reentrant):
     input_ids, attention_mask = batch
@@ -358,21 +352,3 @@ def test_output_hidden_states_under_an_edit(model, batch):
         hidden = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
     assert torch.equal(hidden[0][rows, positions], ones)
     assert not torch.equal(hidden[1][rows, positions], ones)
-
-
-def test_edit_of_a_checkpointing_model_is_refused_where_hooks_would_rerun(model, batch, monkeypatch):
-    input_ids, attention_mask = batch
-    model.train()
-    # activation_checkpointing_enable is the name from 5.23 on, gradient_checkpointing_enable before.
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-        {"use_reentrant": False})
-    monkeypatch.setattr(hooks, "HOOKS_OUTSIDE_CHECKPOINT", False)  # as under transformers < 5.23
-    editor = HiddenStateEditor(model)
-    positions = torch.zeros(input_ids.shape[0], dtype=torch.long)
-    with pytest.raises(RuntimeError, match="transformers >= 5.23"):
-        with editor.edit(positions, lambda layer, cur: cur):
-            pass
-    assert not editor.armed and hook_count(model) == 0
-    model.eval()  # no backward pass, no recomputation: editing is fine
-    with editor.edit(positions, lambda layer, cur: cur):
-        model(input_ids, attention_mask=attention_mask)

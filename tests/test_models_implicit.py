@@ -9,12 +9,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from icot.data import parse_line
 from icot.data.multiplication import make_example
 from icot.errors import CheckpointError
-from icot.evaluation import left_pad, load_predictor
+from icot.evaluation import ImplicitPredictor, load_predictor
+from icot.generation import left_pad
 from icot.models.emulator import ThoughtEmulator
-from icot.models.hooks import HOOKS_OUTSIDE_CHECKPOINT
-from icot.models.implicit import ImplicitModel, ImplicitPredictor
-from icot.models.lm import read_meta
+from icot.models.implicit import ImplicitModel
 from icot.models.student import MindReadingStudent
+from icot.rundir import read_meta
 from icot.tokenizer import Layout, build_word_tokenizer
 
 L, H = 2, 32
@@ -78,7 +78,6 @@ def test_gradients_reach_emulator_and_student(model, tokenizer):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
 
 
-@pytest.mark.skipif(not HOOKS_OUTSIDE_CHECKPOINT, reason="transformers < 5.23 checkpoints the blocks' __call__")
 def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
     # The edits run in the blocks' pre-hooks, outside the checkpointed forward: recomputation must not redo them.
     ids, mask, s1, labels = encoded_batch(tokenizer)

@@ -9,17 +9,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from icot.errors import CheckpointError
-from icot.models.lm import (
-    build_gpt2,
-    context_length,
-    hidden_size,
-    load_lm_dir,
-    load_pretrained_lm,
-    n_layers,
-    read_meta,
-    save_atomically,
-    save_lm_dir,
-)
+from icot.generation import context_length
+from icot.models.lm import build_gpt2, hidden_size, load_lm_dir, load_pretrained_lm, n_layers, save_lm_dir
+from icot.rundir import read_meta, save_atomically
 from icot.tokenizer import build_word_tokenizer, load_tokenizer
 from icot.training.causal_lm import load_split, starting_lm
 
@@ -169,7 +161,7 @@ def test_save_atomically_keeps_old_directory_when_writer_fails(tmp_path):
 def _copy_model(trained_nocot, tmp_path):
     import shutil
 
-    from icot.training.loop import model_path
+    from icot.rundir import model_path
 
     target = tmp_path / "model"
     shutil.copytree(model_path(trained_nocot), target)
@@ -205,8 +197,8 @@ def test_stage_meta_without_model_and_a_nocot_teacher_are_refused(trained_nocot,
     import shutil
 
     from icot.errors import CheckpointError
-    from icot.models.lm import read_meta, require_explicit
-    from icot.training.loop import model_path
+    from icot.models.lm import require_explicit
+    from icot.rundir import model_path, read_meta
 
     stage = tmp_path / "stage"
     shutil.copytree(trained_nocot, stage)

@@ -10,10 +10,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from icot.data import parse_line
 from icot.data.multiplication import make_example
 from icot.errors import CheckpointError
-from icot.evaluation import left_pad
+from icot.generation import left_pad
 from icot.models.checkpoint import MODULES_FILE
-from icot.models.lm import META_FILE, read_meta, write_meta
 from icot.models.student import MindReadingStudent
+from icot.rundir import META_FILE, read_meta, write_meta
 from icot.tokenizer import Layout, build_word_tokenizer
 
 L, H, VOCAB = 2, 32, 40

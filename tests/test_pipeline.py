@@ -12,24 +12,33 @@ import torch
 
 from icot.cli import main
 from icot.config import load_config
-from icot.pipeline import plot_stepwise, results_markdown, stage_depends, stages_for, stepwise_validations
+from icot.errors import DataFormatError
+from icot.pipeline import (
+    check_data,
+    plot_stepwise,
+    results_markdown,
+    run_pipeline,
+    stages_for,
+    stepwise_validations,
+    task_title,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def _methods(config, methods, from_teacher=True):
+    return dataclasses.replace(config, methods=methods, si=dataclasses.replace(config.si, from_teacher=from_teacher))
+
+
 def test_stages_for_methods():
-    assert stages_for(["nocot"]) == ["nocot"]
-    assert stages_for(["explicit"]) == ["teacher"]
-    assert stages_for(["icot-kd", "nocot"]) == ["teacher", "nocot", "student", "emulator", "couple"]
-    assert stages_for(["icot-si"]) == ["teacher", "stepwise"]
-    assert stages_for(["icot-si"], si_from_teacher=False) == ["stepwise"]  # from scratch: no teacher
-    assert stages_for(["explicit", "icot-si"], si_from_teacher=False) == ["teacher", "stepwise"]
     config = load_config()
-    assert "teacher" in stage_depends("stepwise", config)
-    scratch = dataclasses.replace(config, si=dataclasses.replace(config.si, from_teacher=False))
-    assert "teacher" not in stage_depends("stepwise", scratch) and "si" in stage_depends("stepwise", scratch)
-    assert stage_depends("student", scratch) == stage_depends("student", config)
+    assert stages_for(_methods(config, ["nocot"])) == ["nocot"]
+    assert stages_for(_methods(config, ["explicit"])) == ["teacher"]
+    assert stages_for(_methods(config, ["icot-kd", "nocot"])) == ["teacher", "nocot", "student", "emulator", "couple"]
+    assert stages_for(_methods(config, ["icot-si"])) == ["teacher", "stepwise"]
+    assert stages_for(_methods(config, ["icot-si"], False)) == ["stepwise"]  # from scratch: no teacher
+    assert stages_for(_methods(config, ["explicit", "icot-si"], False)) == ["teacher", "stepwise"]
 
 
 def test_stepwise_curve_reads_validations_and_plots(tmp_path):
@@ -47,6 +56,7 @@ def test_stepwise_curve_reads_validations_and_plots(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     run = tmp_path / "run"
     test_file = SHARED / "data" / "mult" / "4x4" / "valid.txt"
@@ -103,6 +113,50 @@ def test_results_markdown_ratio_to_nocot():
     assert "Time: stages 10.0 min + evaluation 2.0 min = 12.0 min; this invocation's wall time 5.0 min." in table
 
 
+def test_results_markdown_stage_rows_say_units_counts_and_why_they_stopped():
+    best = {"accuracy": 0.995, "exact_examples": 200.0, "loss": 0.0044, "examples": 500.0, "token_accuracy": 0.99,
+            "step": 3000}
+    results = {"rows": [], "test": "runs/x/data/test.txt", "seed": 0, "commit": "abc",
+               "machine": {"cpu_count": 2, "device": "cpu"},
+               "stages": {"teacher": {"skipped": False, "seconds": 600.0, "steps": 3000, "examples": 96000,
+                                      "best": best, "stopped_by": "max_steps"}}}
+    table = results_markdown(results)
+    assert ("| teacher | 10.0 | 3000 | 96000 | max_steps | exact match 99.5% of 200 lines, answer loss 0.0044 on "
+            "500 lines, step 3000 |") in table
+    assert "0.995" not in table  # percent only
+
+
+def test_task_title_names_the_task_not_the_data_folder():
+    generated = {"test": "runs/x/data/test.txt", "config": {"data": {"generate": {"digits": 3, "digits_b": 0}}}}
+    assert task_title(generated) == "3x3 multiplication"
+    assert task_title({"test": "../shared/data/mult/4x4/valid.txt", "config": {"data": {"generate": None}}}) == "4x4"
+    assert task_title({"test": "runs/x/data/test.txt"}) == "test"
+
+
 def test_configs_in_repo_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("1 2 * 3 x||3 6 #### 3 6", "not in the model.s vocabulary"),  # a symbol the training file lacks
+    ("1 2 * 3 4 #### 3 6", "[|][|]"),                               # no CoT separator
+])
+def test_pipeline_checks_the_test_file_before_the_first_stage(tiny_config, tmp_path, bad_line, problem):
+    test = tmp_path / "test.txt"
+    good = Path(tiny_config.data.valid).read_text(encoding="utf-8").splitlines()[:2]
+    test.write_text("\n".join([*good, bad_line]) + "\n", encoding="utf-8")
+    config = dataclasses.replace(tiny_config, methods=["explicit"],
+                                 data=dataclasses.replace(tiny_config.data, test=str(test)))
+    with pytest.raises(DataFormatError, match=problem) as info:
+        run_pipeline(config, tmp_path / "run", progress=False)
+    assert str(info.value).startswith(f"{test}:3: ")
+    assert not (tmp_path / "run" / "teacher").exists()  # nothing trained
+
+
+def test_pipeline_checks_test_prompts_fit_the_context_before_training(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, methods=["explicit"],
+                                 model=dataclasses.replace(tiny_config.model, n_positions=4))
+    with pytest.raises(DataFormatError, match="no room to answer") as info:
+        check_data(config)
+    assert str(info.value).startswith(f"{config.data.test}:1: ")

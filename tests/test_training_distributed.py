@@ -69,6 +69,7 @@ def _records(out: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, capsys):
     config_file = _config_file(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"

@@ -15,8 +15,8 @@ from icot.models.emulator import ThoughtEmulator
 from icot.models.implicit import ImplicitModel
 from icot.models.lm import load_lm_dir
 from icot.models.student import MindReadingStudent
+from icot.rundir import model_path, stage_is_done
 from icot.training import stages
-from icot.training.loop import model_path, stage_is_done
 
 KD_SECTION = {"batch_size": 16, "lr": 1e-3, "max_steps": 6, "eval_every": 0, "eval_examples": 8,
               "eval_batch_size": 8, "log_every": 2}

@@ -17,11 +17,12 @@ from icot.config import load_config
 from icot.data import parse_line
 from icot.data.multiplication import generate_examples
 from icot.errors import ConfigError
-from icot.models.lm import load_lm_dir, read_meta
+from icot.models.lm import load_lm_dir
+from icot.rundir import model_path, read_meta, stage_is_done
 from icot.tokenizer import IGNORE_INDEX, Layout, build_word_tokenizer
 from icot.training import stages
 from icot.training.causal_lm import lm_batch
-from icot.training.loop import Stage, lr_factor, model_path, stage_is_done, train_stage
+from icot.training.loop import Stage, lr_factor, train_stage
 
 
 def _events(out: Path, kind: str) -> list[dict]:

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 
 from icot.cli import main
 from icot.config import save_config
-from icot.errors import TrainingInterrupted
-from icot.models.lm import load_lm_dir, read_meta, recover_atomically
+from icot.errors import CheckpointError, TrainingInterrupted
+from icot.models.lm import load_lm_dir
 from icot.pipeline import run_stages
+from icot.rundir import CHECKPOINT, STATE_FILE, can_resume, read_meta, recover_atomically, stage_is_done
 from icot.training import resume as resume_module
 from icot.training import stages
 from icot.training.causal_lm import CausalLMStage
-from icot.training.loop import can_resume, stage_is_done, train_stage
-from icot.training.resume import CHECKPOINT, STATE_FILE
+from icot.training.loop import train_stage
 
 TOLERANCE = 1e-5
 
@@ -227,6 +227,7 @@ def long_run(session_config, tmp_path_factory):
     return directory / "long.yaml", directory / "ref"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(long_run, tmp_path, capsys):
     config_file, ref_out = long_run
     out = tmp_path / "killed"
@@ -248,6 +249,7 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(long_run, tmp
     assert difference <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143(long_run, tmp_path):
     config_file, ref_out = long_run
     out = tmp_path / "terminated"
@@ -308,9 +310,59 @@ def test_resume_with_another_batch_size_is_one_line_error(reference, tmp_path, c
     assert str(out / CHECKPOINT / STATE_FILE) in line and "'batch_size'" in line
 
 
-def test_checkpoint_of_another_model_shape_is_one_line_error(reference, tmp_path, capsys):
+def test_resume_with_another_model_shape_is_refused_naming_the_field(reference, tmp_path, capsys):
     out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--model.n_embd", "16")
-    assert str(out / CHECKPOINT / "model.safetensors") in line and "transformer." in line
+    assert str(out / CHECKPOINT / STATE_FILE) in line and "'model.n_embd'" in line
+
+
+def test_checkpoint_weights_of_another_shape_are_one_line_error(reference, tmp_path):
+    config, _, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    narrow = dataclasses.replace(config, model=dataclasses.replace(config.model, n_embd=16))
+    with pytest.raises(CheckpointError, match="does not fit this stage's model: .*transformer.") as info:
+        resume_module.load_module_state(out / CHECKPOINT, stages.build("teacher", narrow).module)
+    assert str(out / CHECKPOINT / "model.safetensors") in str(info.value)
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_naming_the_field(reference, tmp_path, capsys):
+    """The old behaviour kept training at the checkpoint's rate while config.yaml said the new one."""
+    out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--teacher.lr", "5e-4")
+    assert "'teacher.lr'" in line and "resume with 0.003" in line
+    assert "lr: 0.0005" not in (out / "config.yaml").read_text()  # config.yaml still states what ran
+
+
+def test_resume_on_other_data_of_the_same_length_is_refused(reference, tmp_path, capsys):
+    config, _, _, _ = reference
+    train = tmp_path / "train.txt"
+    train.write_text(Path(config.data.train).read_text(encoding="utf-8"), encoding="utf-8")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=str(train)))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=4)
+    lines = train.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]  # same lines, same count, other data order
+    train.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="training data differ"):
+        _train(config, out, resume=True)
+
+
+def test_resume_with_a_longer_budget_applies_it_and_logs_the_change(reference, tmp_path):
+    config, ref_out, _, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=5)
+    longer = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, max_steps=36))
+    _, result = _train(longer, out, resume=True)
+    assert result["steps"] == 36
+    records = _records(out)
+    changes = [r for r in records if r["event"] == "resume"]
+    assert changes == [{"event": "resume", "step": 5, "changed": {"teacher.max_steps": [30, 36]}}]
+    assert "max_steps: 36" in (out / "config.yaml").read_text()
+    # Up to the resume the record is the uninterrupted run's.
+    before = [r for r in records if r["step"] <= 5 and r["event"] != "resume"]
+    _assert_same_records(before, [r for r in _records(ref_out) if r["step"] <= 5])
 
 
 def test_corrupt_trainer_state_is_one_line_error(reference, tmp_path, capsys):

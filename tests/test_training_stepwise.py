@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
+from icot.data.multiplication import generate_examples
 from icot.errors import ConfigError
 from icot.evaluation import load_predictor
-from icot.models.lm import read_meta
+from icot.rundir import model_path, read_meta
 from icot.training import stages
 from icot.training.causal_lm import lm_batch
-from icot.training.loop import model_path, train_stage
-from icot.data.multiplication import generate_examples
+from icot.training.loop import train_stage
 from icot.training.stepwise import cut_encoded, removal_offsets, remove_cot_tokens
 
 

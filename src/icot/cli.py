@@ -41,6 +41,21 @@ def _data_gsm8k(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    """Print each bad line as ``FILE:LINE: problem`` and a count per file; 2 when any line is bad."""
+    from icot.data.multiplication import check_file
+
+    bad = 0
+    for path in args.files:
+        lines, problems = check_file(path)
+        for problem in problems:
+            print(problem)
+        bad += len(problems)
+        print(f"{path}: {lines} lines, {len(problems)} whose COT or ANSWER does not follow from the INPUT",
+              file=sys.stderr)
+    return 2 if bad else 0
+
+
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from icot.config import load_config
     from icot.training import stages
@@ -58,8 +73,7 @@ def _check_out(args: argparse.Namespace) -> None:
     run from its checkpoint, ``--overwrite`` replaces whatever is there."""
     from pathlib import Path
 
-    from icot.models.lm import read_meta
-    from icot.training.loop import can_resume
+    from icot.rundir import can_resume, read_meta
 
     if args.resume and args.overwrite:
         raise IcotInputError("--resume and --overwrite exclude each other", args.out)
@@ -81,14 +95,15 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def _is_main_process() -> bool:
     """False in the other processes of ``accelerate launch``, which print nothing."""
-    from icot.training.distributed import process_state
+    from icot.devices import process_state
 
     return process_state().is_main_process
 
 
 def _eval(args: argparse.Namespace) -> None:
     from icot.data import read_examples
-    from icot.evaluation import check_inputs, decode_device, evaluate, load_predictor, write_json
+    from icot.devices import decode_device
+    from icot.evaluation import check_inputs, evaluate, load_predictor, write_json
 
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
                                dtype=args.dtype)
@@ -146,39 +161,54 @@ def _decode_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=EVAL_DTYPES, help="the weights' dtype while decoding")
 
 
+DESCRIPTION = """Train language models to answer multi-step problems without writing out a chain of thought
+(implicit CoT): ICoT-KD (teacher -> mind-reading student + thought emulator -> couple) and ICoT-SI
+(stepwise internalization), beside the no-CoT and explicit-CoT baselines. Data lines read
+INPUT||COT #### ANSWER."""
+
+OVERRIDES = """Any config field can be set on the command line as --SECTION.FIELD VALUE after the other
+options (e.g. --teacher.lr 5e-4 --model.n_layer 4 --si.keep_position true); flags win over the YAML
+file, and the resolved config is saved beside every checkpoint."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``icot`` argument parser."""
-    parser = argparse.ArgumentParser(prog="icot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="icot", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="make training data").add_subparsers(dest="task", required=True)
+    data = sub.add_parser("data", help="make or check data files").add_subparsers(dest="task", required=True)
     mult = data.add_parser("mult", help="generate multiplication examples in the papers' format")
-    mult.add_argument("--digits", type=int, required=True, help="digits of the first operand (N)")
-    mult.add_argument("--digits-b", type=int, default=0, help="digits of the second operand (M; default N)")
-    mult.add_argument("--count", type=int, required=True)
-    mult.add_argument("--seed", type=int, default=0)
-    mult.add_argument("--out", required=True)
+    mult.add_argument("--digits", type=_int_at_least(1), required=True, help="digits of the first operand (N)")
+    mult.add_argument("--digits-b", type=_int_at_least(0), default=0, help="digits of the second operand (M; default N)")
+    mult.add_argument("--count", type=_int_at_least(1), required=True, help="number of lines (distinct inputs)")
+    mult.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed of the operand draw (default 0)")
+    mult.add_argument("--out", required=True, help="file to write")
     mult.add_argument("--exclude", action="append", help="data file whose INPUTs must not appear (repeatable)")
-    gsm = data.add_parser("gsm8k", help="GSM8K original -> equation-only CoT")
-    gsm.add_argument("--in", dest="input", required=True)
-    gsm.add_argument("--out", required=True)
+    check = data.add_parser("check", help="list every multiplication line whose COT or ANSWER does not follow "
+                                          "from its INPUT, as FILE:LINE (exit 2 when there is one)")
+    check.add_argument("files", nargs="+", metavar="FILE", help="data file(s) in the INPUT||COT #### ANSWER format")
+    gsm = data.add_parser("gsm8k", help="GSM8K with <<...>> annotations -> the equation-only CoT format")
+    gsm.add_argument("--in", dest="input", required=True, help="GSM8K file with calculator annotations")
+    gsm.add_argument("--out", required=True, help="file to write (not the --in file)")
 
-    train = sub.add_parser("train", help="train one stage (extra --section.key VALUE flags override the config)")
-    train.add_argument("stage", choices=STAGES)
-    train.add_argument("--config", help="YAML config")
+    train = sub.add_parser("train", help="train one stage", description="Train one stage into OUT. " + OVERRIDES)
+    train.add_argument("stage", choices=STAGES, help="teacher (explicit CoT), nocot, student, emulator, couple "
+                                                     "(ICoT-KD), or stepwise (ICoT-SI)")
+    train.add_argument("--config", help="YAML config (default: the built-in defaults)")
     train.add_argument("--out", required=True, help="stage directory to write")
     train.add_argument("--teacher", default="", help="teacher stage directory (student, emulator; stepwise starts from it unless si.from_teacher is false)")
     train.add_argument("--student", default="", help="student stage directory (couple)")
     train.add_argument("--emulator", default="", help="emulator stage directory (couple)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoint (written every save_every steps and on SIGINT/SIGTERM)")
+                       help="continue from OUT/checkpoint (written every save_every steps and on SIGINT/SIGTERM); "
+                            "only the stage's budget and reporting fields may change")
     train.add_argument("--overwrite", action="store_true",
                        help="replace what OUT holds (a finished stage, or a run with a checkpoint); without it "
                             "icot train refuses such an OUT")
 
     ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
     ev.add_argument("--model", required=True, help="model or stage directory")
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="data file (INPUT||COT #### ANSWER); the CoT is not shown to the model")
     ev.add_argument("--batch-size", type=_int_at_least(1), default=1, help="examples decoded together (1: the papers')")
     ev.add_argument("--limit", type=_int_at_least(0), default=0, help="evaluate the first N lines (0: all)")
     ev.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="decoding budget per example")
@@ -186,14 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_flags(ev)
 
     pr = sub.add_parser("predict", help="answer inputs")
-    pr.add_argument("--model", required=True)
+    pr.add_argument("--model", required=True, help="model or stage directory")
     pr.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="decoding budget per example")
     pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
     _decode_flags(pr)
 
-    pipe = sub.add_parser("pipeline", help="teacher -> student -> emulator -> couple, no-CoT baseline, evaluation")
+    pipe = sub.add_parser("pipeline", help="train the stages the config's methods need, then evaluate them",
+                          description="Train what the config's methods (nocot, explicit, icot-kd, icot-si) need "
+                                      "into OUT, evaluate every method on data.test, and write results.json, "
+                                      "results.md and plots. A stage already done with the same config is skipped "
+                                      "and an interrupted one resumes from its checkpoint: run the same command "
+                                      "again. " + OVERRIDES)
     pipe.add_argument("config", help="YAML config")
     pipe.add_argument("--out", required=True, help="run directory")
+    pipe.add_argument("--resume", action="store_true",
+                      help="accepted for symmetry with icot train; the pipeline always resumes what it can")
     return parser
 
 
@@ -204,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in ("train", "pipeline"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "data" and args.task == "check":
+            return _data_check(args)
         if args.command == "data":
             _data_mult(args) if args.task == "mult" else _data_gsm8k(args)
         elif args.command == "train":

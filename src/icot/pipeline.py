@@ -24,25 +24,14 @@ import torch
 from icot.config import IcotConfig, load_config
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
+from icot.devices import decode_device, process_state
 from icot.errors import ConfigError
-from icot.evaluation import check_inputs, decode_device, evaluate, load_predictor
+from icot.evaluation import check_inputs, check_prompts, evaluate, load_predictor
+from icot.rundir import can_resume, stage_is_done
+from icot.tokenizer import Layout
 from icot.training import stages
-from icot.training.distributed import process_state
-from icot.training.loop import can_resume, stage_is_done
+from icot.training.causal_lm import load_split, starting_tokenizer
 
-# Stage -> config sections its output depends on (a change in any of them reruns the stage).
-DEPENDS = {
-    "teacher": ("data", "model", "teacher"),
-    "nocot": ("data", "model", "nocot"),
-    "student": ("data", "model", "teacher", "kd", "student"),
-    "emulator": ("data", "model", "teacher", "kd", "emulator"),
-    "couple": ("data", "model", "teacher", "kd", "student", "emulator", "couple"),
-    "stepwise": ("data", "model", "teacher", "si", "stepwise"),
-}
-# Stage -> directory name under RUN_DIR.
-STAGE_DIRS = {"teacher": "teacher", "nocot": "nocot", "student": "student", "emulator": "emulator",
-              "couple": "implicit", "stepwise": "stepwise"}
-ORDER = ("teacher", "nocot", "student", "emulator", "couple", "stepwise")
 # Method -> (row name, the stage whose model answers).
 METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teacher"), "icot-kd": ("icot-kd", "couple"),
                "icot-si": ("icot-si", "stepwise")}
@@ -50,27 +39,18 @@ BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "i
                "icot-si": "icot-si-batched"}
 
 
-def stage_depends(name: str, config: IcotConfig) -> tuple[str, ...]:
-    """The config sections stage ``name``'s output depends on: ``DEPENDS``, less the teacher for a stepwise
-    stage trained from scratch (``si.from_teacher: false``)."""
-    if name == "stepwise" and not config.si.from_teacher:
-        return tuple(d for d in DEPENDS[name] if d != "teacher")
-    return DEPENDS[name]
-
-
-def stages_for(methods: list[str], si_from_teacher: bool = True) -> list[str]:
-    """The stages a list of methods needs, in training order (``icot-si`` needs the teacher only when
-    stepwise internalization starts from it, ``si.from_teacher``)."""
-    need = set()
-    if {"explicit", "icot-kd"} & set(methods) or ("icot-si" in methods and si_from_teacher):
-        need.add("teacher")
-    if "nocot" in methods:
-        need.add("nocot")
-    if "icot-kd" in methods:
-        need |= {"student", "emulator", "couple"}
-    if "icot-si" in methods:
-        need.add("stepwise")
-    return [s for s in ORDER if s in need]
+def stages_for(config: IcotConfig) -> list[str]:
+    """The stages ``config.methods`` need, in training order: each method's answering stage and,
+    transitively, the stages whose directories it reads (``icot-si`` reads the teacher only when stepwise
+    internalization starts from it, ``si.from_teacher``)."""
+    need: set[str] = set()
+    todo = [METHOD_ROWS[m][1] for m in config.methods]
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo += stages.needs(name, config)
+    return [s for s in stages.ORDER if s in need]
 
 
 def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
@@ -112,23 +92,42 @@ def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...])
     return all(results_part(saved[k]) == results_part(v) for k, v in current.items())
 
 
+def check_data(config: IcotConfig) -> None:
+    """Read and tokenize every file the run uses before the first stage trains, so that an unreadable,
+    malformed or out-of-vocabulary line is found in seconds rather than after the stages.
+
+    Train and valid lines are parsed (``INPUT||COT #### ANSWER``), valid lines and test inputs tokenized
+    with the vocabulary the first stage will have (built from the training file, or the pretrained
+    model's), and test prompts checked against a from-scratch model's context (``model.n_positions``).
+
+    Raises:
+        DataFormatError: naming the file and the 1-based line of the first bad line.
+    """
+    train, valid = load_split(config, "train"), load_split(config, "valid")
+    test = read_examples(config.data.test, allow_empty_cot=True)
+    layout = Layout(starting_tokenizer(config, train))
+    layout.encode_all(valid, True, config.data.valid)
+    context = None if config.model.name_or_path else config.model.n_positions
+    check_prompts(layout, context, [ex.input for ex in test], config.data.test)
+
+
 def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train (or skip, when already done with the same config) every stage the methods need."""
     report: dict[str, dict[str, Any]] = {}
-    dirs = {name: run_dir / STAGE_DIRS[name] for name in STAGE_DIRS}
-    for name in stages_for(config.methods, config.si.from_teacher):
-        out = dirs[name]
-        depends = stage_depends(name, config)
+    dirs = {name: str(run_dir / entry.directory) for name, entry in stages.REGISTRY.items()}
+    for name in stages_for(config):
+        out = Path(dirs[name])
+        depends = stages.depends(name, config)
         if stage_is_done(out) and _same_config(out, config, depends):
             meta = json.loads((out / "icot.json").read_text())
             report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}
             print(f"[icot] stage {name}: already done in {out}, skipped")
             continue
-        # An interrupted run of the same config continues from its checkpoint.
-        resume = can_resume(out) and _same_config(out, config, depends)
+        # An interrupted run continues from its checkpoint, which refuses settings it cannot take on.
+        resume = can_resume(out)
         print(f"[icot] stage {name} -> {out}" + (" (resuming from its checkpoint)" if resume else ""))
-        result = stages.run(name, config, out, progress=progress, resume=resume, teacher=str(dirs["teacher"]),
-                            student=str(dirs["student"]), emulator=str(dirs["emulator"]))
+        result = stages.run(name, config, out, progress=progress, resume=resume,
+                            **{need: dirs[need] for need in stages.needs(name, config)})
         report[name] = {"skipped": False, **result}
     return report
 
@@ -139,7 +138,7 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -
     rows = []
     for method in config.methods:
         row_name, stage = METHOD_ROWS[method]
-        predictor = load_predictor(str(run_dir / STAGE_DIRS[stage]), config.eval.max_new_tokens, config.eval.device,
+        predictor = load_predictor(str(run_dir / stages.spec(stage).directory), config.eval.max_new_tokens, config.eval.device,
                                    config.eval.dtype)
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
         sizes = [(row_name, config.eval.batch_size)]
@@ -173,6 +172,31 @@ def _dtype_note(dtype: str) -> str:
     return "" if dtype == "float32" else f" ({dtype} weights)"
 
 
+def _kept(best: dict[str, Any]) -> str:
+    """The kept model's validation figures, in percent, with the number of lines each figure used."""
+    if not best:
+        return "-"
+    parts = []
+    if "accuracy" in best:
+        parts.append(f"exact match {100 * best['accuracy']:.1f}%" + (f" of {best['exact_examples']:.0f} lines"
+                                                                     if "exact_examples" in best else ""))
+    if "loss" in best:
+        parts.append(f"answer loss {best['loss']:.4g}" + (f" on {best['examples']:.0f} lines" if "examples" in best else ""))
+    if "step" in best:
+        parts.append(f"step {best['step']}")
+    return ", ".join(parts)
+
+
+def task_title(results: dict[str, Any]) -> str:
+    """What the run solved, for plot titles: ``4x4 multiplication`` for generated data, else the test
+    file's folder (``mult/5x5``-style paths) or, for a folder as generic as ``data``, the file name."""
+    generate = (results.get("config") or {}).get("data", {}).get("generate")
+    if generate:
+        return f"{generate['digits']}x{generate.get('digits_b') or generate['digits']} multiplication"
+    test = Path(results["test"])
+    return test.parent.name if test.parent.name not in ("", ".", "data") else test.stem
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The paper-shaped table: method, accuracy, examples/s, speed relative to no-CoT at the same batch size."""
     rows = results["rows"]
@@ -186,12 +210,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         ratio = r["examples_per_second"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['examples_per_second']:.1f} | "
                      f"{r['batch_size']} | {ratio:.2f}x |")
-    lines += ["", "| stage | wall time (min) | optimizer steps | examples | best validation |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| stage | wall time (min) | optimizer steps | training examples | stopped by | kept model (validation) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in results["stages"].items():
-        best = s.get("best") or {}
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k in ("accuracy", "loss"))
         skipped = " (reused)" if s.get("skipped") else ""
-        lines.append(f"| {name}{skipped} | {(s.get('seconds') or 0) / 60:.1f} | {s.get('steps')} | {s.get('examples')} | {shown} |")
+        lines.append(f"| {name}{skipped} | {(s.get('seconds') or 0) / 60:.1f} | {s.get('steps')} | {s.get('examples')} | "
+                     f"{s.get('stopped_by', '-')} | {_kept(s.get('best') or {})} |")
     if "compute_seconds" in results:  # results written before these fields existed lack them
         stage_seconds = results["compute_seconds"] - results["eval_seconds"]
         lines += ["", f"Time: stages {stage_seconds / 60:.1f} min + evaluation {results['eval_seconds'] / 60:.1f} min "
@@ -217,7 +241,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("examples / second")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(-5, 105)
-    ax.set_title(Path(results["test"]).parent.name or "results")
+    ax.set_title(f"{task_title(results)}: accuracy against speed")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
@@ -269,6 +293,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
         config = generate_data(config, run_dir)
     if not config.data.test:
         raise ConfigError("field 'data.test' is empty: the pipeline evaluates on a test file")
+    check_data(config)
     stage_report = run_stages(config, run_dir, progress)
     if not state.is_main_process:
         return {}
@@ -286,7 +311,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")
     if "stepwise" in stage_report:
-        plot_stepwise({"icot-si": run_dir / STAGE_DIRS["stepwise"] / "metrics.jsonl"}, run_dir / "stepwise_curve.png",
-                      f"ICoT-SI, {Path(config.data.test).parent.name}")
+        plot_stepwise({"icot-si": run_dir / stages.spec("stepwise").directory / "metrics.jsonl"}, run_dir / "stepwise_curve.png",
+                      f"ICoT-SI, {task_title(results)}")
     print(results_markdown(results))
     return results

@@ -114,6 +114,23 @@ def _decode_utf8(data: bytes, path: str | Path) -> str:
         ) from None
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a data file, without their newlines.
+
+    Raises:
+        DataFormatError: On a non-UTF-8 byte or an empty file.
+    """
+    text = _decode_utf8(Path(path).read_bytes(), path)
+    # split("\n"), not splitlines(): questions may hold characters such as U+2028 that
+    # splitlines() would treat as line breaks, shifting line numbers.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start a new one
+    if not lines:
+        raise DataFormatError("no examples (the file is empty)", path)
+    return lines
+
+
 def read_examples(path: str | Path, *, allow_empty_cot: bool = False) -> list[Example]:
     """Reads a data file, one example per line.
 
@@ -124,14 +141,7 @@ def read_examples(path: str | Path, *, allow_empty_cot: bool = False) -> list[Ex
     Raises:
         DataFormatError: On a non-UTF-8 byte, a blank line, a malformed line or an empty file.
     """
-    text = _decode_utf8(Path(path).read_bytes(), path)
-    # split("\n"), not splitlines(): questions may hold characters such as U+2028 that
-    # splitlines() would treat as line breaks, shifting line numbers.
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start a new one
-    if not lines:
-        raise DataFormatError("no examples (the file is empty)", path)
+    lines = read_lines(path)
     examples = []
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():

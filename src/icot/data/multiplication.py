@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from icot.data import read_inputs
+from icot.data import parse_line, read_inputs, read_lines
 from icot.errors import DataFormatError
 
 __all__ = [
+    "check_file",
     "format_input",
     "generate_examples",
     "make_example",
@@ -125,6 +126,41 @@ def parse_input(text: str) -> tuple[int, int, int, int]:
     a = int("".join(reversed(left)))
     b = int("".join(reversed(right)))
     return a, b, len(left), len(right)
+
+
+def check_line(line: str, path: str | Path | None = None, line_no: int | None = None) -> None:
+    """Refuse a line whose COT or ANSWER does not follow from its INPUT (compared with :func:`make_example`).
+
+    Raises:
+        DataFormatError: naming ``path``, ``line_no`` and the first part that differs.
+    """
+    example = parse_line(line, path, line_no)
+    try:
+        a, b, digits_a, digits_b = parse_input(example.input)
+        expected = parse_line(make_example(a, b, digits_a, digits_b))
+    except ValueError as e:  # DataFormatError included: not a multiplication, or a leading zero
+        raise DataFormatError(e.problem if isinstance(e, DataFormatError) else str(e), path, line_no) from None
+    for part in ("cot", "answer"):
+        got, want = getattr(example, part), getattr(expected, part)
+        if got != want:
+            raise DataFormatError(f"{part.upper()} does not follow from INPUT {example.input!r}: expected {want!r}, "
+                                  f"got {got!r}", path, line_no)
+
+
+def check_file(path: str | Path) -> tuple[int, list[DataFormatError]]:
+    """Check every line of a multiplication data file with :func:`check_line`.
+
+    Returns:
+        ``(lines checked, one error per bad line)``; a file that cannot be read at all raises instead.
+    """
+    lines = read_lines(path)
+    problems = []
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            check_line(line, path, line_no)
+        except DataFormatError as e:
+            problems.append(e)
+    return len(lines), problems
 
 
 # --- many examples at once ----------------------------------------------------------------------

@@ -22,16 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from icot.config import IcotConfig, save_config
+from icot.config import IcotConfig
 from icot.errors import CheckpointError
-from icot.models.lm import (
-    META_FILE,
-    hidden_size,
-    load_pretrained_lm,
-    n_layers,
-    read_meta,
-    write_meta,
-)
+from icot.models.lm import hidden_size, load_lm_dir, n_layers, save_lm_dir
+from icot.rundir import META_FILE
 
 MODULES_FILE = "icot_modules.safetensors"
 
@@ -93,15 +87,10 @@ def load_modules(path: str | Path, modules: Mapping[str, nn.Module]) -> None:
 def save_lm_with_modules(path: str | Path, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                          modules: Mapping[str, nn.Module], meta: dict[str, Any],
                          config: IcotConfig | None = None) -> None:
-    """Write a model directory: HF LM + tokenizer, extra modules, ``icot.json`` (``meta``) and ``config.yaml``."""
+    """:func:`~icot.models.lm.save_lm_dir` (``meta["kind"]`` names the kind) plus the extra modules."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    save_lm_dir(path, lm, tokenizer, meta, config, kind=meta["kind"])
     save_modules(path, modules)
-    write_meta(path, meta)
-    if config is not None:
-        save_config(config, path / "config.yaml")
 
 
 def load_lm_checked(path: str | Path, kind: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -115,15 +104,8 @@ def load_lm_checked(path: str | Path, kind: str) -> tuple[PreTrainedModel, PreTr
     Raises:
         CheckpointError: naming ``icot.json`` and the field that does not fit.
     """
-    from icot.tokenizer import load_tokenizer
-
-    path = Path(path)
-    meta = read_meta(path)
-    meta_file = path / META_FILE
-    if meta["kind"] != kind:
-        raise CheckpointError(f"field 'kind' is '{meta['kind']}', expected '{kind}'", meta_file)
-    tokenizer = load_tokenizer(path)
-    lm = load_pretrained_lm(path, tokenizer)
+    lm, tokenizer, meta = load_lm_dir(path, kind=kind)
+    meta_file = Path(path) / META_FILE
     for field, actual in (("n_layer", n_layers(lm)), ("hidden_size", hidden_size(lm))):
         if field not in meta:
             raise CheckpointError(f"missing field '{field}'", meta_file)

@@ -36,8 +36,9 @@ from icot.models.checkpoint import (
     save_lm_with_modules,
 )
 from icot.models.hooks import HiddenStateEditor
-from icot.models.lm import META_FILE, hidden_size, n_layers
+from icot.models.lm import hidden_size, n_layers
 from icot.models.student import position_ids_from_mask
+from icot.rundir import META_FILE
 
 KIND = "emulator"
 

@@ -1,11 +1,12 @@
 """Read and write the hidden states entering each decoder block, on any HF decoder-only causal LM.
 
-This is the one mechanism every ICoT model uses (teacher reading, student and emulator writing): a forward
-pre-hook on every decoder block, registered only while an edit is armed. No modeling file is forked, so any
+This is the mechanism the ICoT models write hidden states with (the mind-reading student and the thought
+emulator): a forward pre-hook on every decoder block, registered only while an edit is armed. The teacher's
+states need no hook: they are ``output_hidden_states`` of its own unedited forward pass (the same tensors as
+the block inputs; :func:`read_states` reads those through the hooks, and the tests check that the two agree). No modeling file is forked, so any
 architecture whose blocks ``find_blocks`` locates works unchanged, including under activation checkpointing
-from transformers 5.23 on (it checkpoints a block's ``forward``, not its ``__call__``, so the pre-hooks run once,
-outside the checkpoint). Older releases checkpoint ``__call__``: the backward pass would rerun the pre-hooks after
-the edit is over, so an edit of a checkpointing model is refused there.
+(transformers >= 5.23, the project's floor, checkpoints a block's ``forward``, not its ``__call__``, so the
+pre-hooks run once, outside the checkpoint).
 
 Conventions: ``B`` batch, ``T`` sequence length, ``H`` hidden size, ``L`` number of blocks. ``h[l]`` is the input of
 block ``l``, the same tensor as ``output_hidden_states[l]`` for ``l = 0..L-1`` when nothing is edited.
@@ -27,8 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import nn
 
 # Attribute paths of the decoder blocks, tried in order. Full causal-LM paths first, then the bare base models
@@ -44,10 +43,6 @@ _BLOCK_PATHS = (
 )
 
 EditFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-
-# Whether this transformers keeps a block's pre-hooks outside its activation checkpoint (see the module docstring).
-HOOKS_OUTSIDE_CHECKPOINT = Version(transformers.__version__) >= Version("5.23")
-
 
 def _get_path(obj: object, path: str) -> object | None:
     for name in path.split("."):
@@ -154,8 +149,7 @@ class HiddenStateEditor:
             The editor itself.
 
         Raises:
-            RuntimeError: if the editor is already armed or closed, or if the model checkpoints activations under
-                transformers < 5.23 (see the module docstring).
+            RuntimeError: if the editor is already armed or closed.
             ValueError: if ``positions`` is not a (B,) integer tensor of non-negative values.
         """
         if self._closed:
@@ -166,7 +160,6 @@ class HiddenStateEditor:
             raise ValueError(f"positions must be a (B,) integer tensor, got {_describe(positions)}")
         if positions.numel() == 0:
             raise ValueError("positions is empty")
-        self._refuse_checkpointing_inside_hooks()
         positions = positions.long()
         # One sync here instead of one per block; negative indices would silently wrap around.
         lo, hi = int(positions.min()), int(positions.max())
@@ -179,16 +172,6 @@ class HiddenStateEditor:
         finally:
             self._edit = None
             self._detach()
-
-    def _refuse_checkpointing_inside_hooks(self) -> None:
-        if HOOKS_OUTSIDE_CHECKPOINT or not self.model.training:  # the usual case: no block to look at per edit
-            return
-        if any(getattr(b, "gradient_checkpointing", False) for b in self.blocks):
-            raise RuntimeError(
-                f"activation checkpointing is on, and transformers {transformers.__version__} checkpoints each block's "
-                "__call__: the backward pass would rerun the edit hooks after the edit is over. Use transformers >= "
-                "5.23 or turn checkpointing off (model.gradient_checkpointing_disable())"
-            )
 
     def close(self) -> None:
         """Disarm and refuse further edits; the model runs as if no editor had existed."""

@@ -14,7 +14,6 @@ Directory layout::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,10 +23,9 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from icot.config import IcotConfig, save_config
 from icot.errors import CheckpointError
-from icot.evaluation import Prediction, left_pad
 from icot.models.emulator import ThoughtEmulator
-from icot.models.lm import META_FILE, context_length, read_meta, write_meta
 from icot.models.student import MindReadingStudent
+from icot.rundir import META_FILE, read_meta, write_meta
 from icot.tokenizer import Layout, load_tokenizer
 
 KIND = "implicit"
@@ -128,31 +126,3 @@ class ImplicitModel(nn.Module):
             raise CheckpointError(str(e), path) from None
         model.tokenizer = load_tokenizer(path)
         return model
-
-
-class ImplicitPredictor:
-    """Greedy answers of an :class:`ImplicitModel` (the :class:`~icot.evaluation.Predictor` protocol).
-
-    Args:
-        model: an implicit model whose ``tokenizer`` is set (as :meth:`ImplicitModel.from_pretrained` does).
-        max_new_tokens: decoding budget per example.
-    """
-
-    def __init__(self, model: ImplicitModel, max_new_tokens: int = 256):
-        if model.tokenizer is None:
-            raise ValueError("ImplicitModel.tokenizer is not set: load the model with ImplicitModel.from_pretrained "
-                             "or assign model.tokenizer")
-        self.model, self.max_new_tokens = model, max_new_tokens
-        self.layout = Layout(model.tokenizer)
-        limits = [n for n in (context_length(model.emulator.lm), context_length(model.student.lm)) if n is not None]
-        self.context = min(limits) if limits else None
-
-    @torch.no_grad()
-    def predict(self, inputs: Sequence[str]) -> list[Prediction]:
-        """Decode a batch of inputs; the CoT of every prediction is empty (the model produces none)."""
-        device = next(self.model.parameters()).device
-        ids, mask = left_pad([self.layout.prompt_ids(x) for x in inputs], self.layout.pad_id, device)  # (B, T)
-        # Left padding puts every row's <sep> in the last column.
-        s1 = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)  # (B,)
-        new = self.model.generate(ids, mask, s1, self.layout, self.max_new_tokens)  # (B, t)
-        return [Prediction("", self.layout.split_generation(row, with_cot=False)[1]) for row in new.tolist()]

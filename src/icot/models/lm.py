@@ -8,11 +8,8 @@ A model directory holds:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,25 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from icot.config import IcotConfig, ModelConfig, save_config
 from icot.errors import CheckpointError
+from icot.rundir import META_FILE, read_meta, write_meta
+from icot.tokenizer import load_tokenizer
 
-META_FILE = "icot.json"
+
+@contextlib.contextmanager
+def quiet_hub_bars() -> Iterator[None]:
+    """Silence transformers' own bars ("Loading weights", "Writing model shards") for a small model
+    directory: one per load or save is noise in every eval, predict and checkpoint."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def build_gpt2(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
@@ -38,9 +49,17 @@ def build_gpt2(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHe
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, loss_type="ForCausalLM",
+        pad_token_id=tokenizer.pad_token_id,
     )
-    return GPT2LMHeadModel(config)
+    return _causal_lm_loss(GPT2LMHeadModel(config))
+
+
+def _causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the loss a causal LM trains with: transformers 5 reads ``model.loss_type`` (not the config's)
+    and warns at the first forward with labels when it is None."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def load_pretrained_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -53,8 +72,9 @@ def load_pretrained_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> 
         CheckpointError: naming the path when the model cannot be read or does not fit the tokenizer.
     """
     try:
-        model, report = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
-                                                             output_loading_info=True)
+        with quiet_hub_bars():
+            model, report = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                                 output_loading_info=True)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or garbled file
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"cannot load the model: {type(e).__name__}: {first}", path) from None
@@ -73,7 +93,7 @@ def load_pretrained_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> 
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {n_vocab} (field vocab_size)", path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _causal_lm_loss(model)
 
 
 def n_layers(model: PreTrainedModel) -> int:
@@ -86,32 +106,8 @@ def hidden_size(model: PreTrainedModel) -> int:
     return int(model.config.hidden_size)
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    """Longest sequence the model's positions allow (None when not bounded by config)."""
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Model directories
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The ``icot.json`` of a model directory."""
-    meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"not an icot model directory (no {META_FILE})", path)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"invalid JSON: {e}", meta_path) from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise CheckpointError("missing field 'kind'", meta_path)
-    return meta
 
 
 def require_explicit(meta: dict[str, Any], path: str | Path) -> None:
@@ -121,65 +117,30 @@ def require_explicit(meta: dict[str, Any], path: str | Path) -> None:
                               "teacher stage's directory)", path)
 
 
-def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
-    """Write ``icot.json``."""
-    Path(path, META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def save_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_dir)`` and then move ``tmp_dir`` onto ``out_dir``.
-
-    A process killed while writing leaves the previous ``out_dir`` intact (the rename is the commit).
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_atomically(out_dir: str | Path) -> None:
-    """Repair what a process killed inside :func:`save_atomically` left beside ``out_dir``.
-
-    Killed between its two renames, only the previous directory exists, moved aside as
-    ``.NAME.old-PID``: it is put back. Leftover temporary and aside directories are deleted.
-    """
-    out_dir = Path(out_dir)
-    aside = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if aside and not out_dir.exists():
-        os.replace(aside.pop(), out_dir)
-    for path in [*aside, *out_dir.parent.glob(f".{out_dir.name}.tmp-*")]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def save_lm_dir(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any],
-                config: IcotConfig | None = None) -> None:
-    """Write a plain causal-LM directory (teacher, no-CoT model, stepwise model)."""
+                config: IcotConfig | None = None, kind: str = "lm") -> None:
+    """Write a causal-LM model directory: the Hugging Face LM and tokenizer, ``icot.json`` (``kind`` and
+    ``meta``) and the resolved run config. Teacher, no-CoT and stepwise models are such directories; the
+    student's and emulator's add their extra modules (:mod:`icot.models.checkpoint`)."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    with quiet_hub_bars():
+        model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    write_meta(path, {"kind": "lm", **meta})
+    write_meta(path, {**meta, "kind": kind})
     if config is not None:
         save_config(config, path / "config.yaml")
 
 
-def load_lm_dir(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """Read back what :func:`save_lm_dir` wrote: ``(model, tokenizer, meta)``."""
-    from icot.tokenizer import load_tokenizer
+def load_lm_dir(path: str | Path, dtype: torch.dtype | None = None, kind: str = "lm"
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """Read back what :func:`save_lm_dir` wrote: ``(model, tokenizer, meta)``.
 
+    Raises:
+        CheckpointError: when ``icot.json``'s ``kind`` is not ``kind``, or the model does not load.
+    """
     meta = read_meta(path)
-    if meta["kind"] != "lm":
-        raise CheckpointError(f"field 'kind' is '{meta['kind']}', expected 'lm'", Path(path) / META_FILE)
+    if meta["kind"] != kind:
+        raise CheckpointError(f"field 'kind' is '{meta['kind']}', expected '{kind}'", Path(path) / META_FILE)
     tokenizer = load_tokenizer(path)
     model = load_pretrained_lm(path, tokenizer)
     if dtype is not None:

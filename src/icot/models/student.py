@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput
 
 from icot.config import IcotConfig
-from icot.evaluation import greedy_generate
+from icot.generation import greedy_generate
 from icot.models.checkpoint import (
     load_lm_checked,
     load_modules,

@@ -12,14 +12,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from icot.config import IcotConfig, TrainConfig
 from icot.data import Example, read_examples
 from icot.errors import ConfigError
-from icot.evaluation import LMPredictor, evaluate, left_pad, shifted_positions
-from icot.models.lm import (
-    build_gpt2,
-    context_length,
-    load_lm_dir,
-    load_pretrained_lm,
-    save_lm_dir,
-)
+from icot.evaluation import LMPredictor, evaluate
+from icot.generation import context_length, left_pad, shifted_positions
+from icot.models.lm import build_gpt2, load_lm_dir, load_pretrained_lm, save_lm_dir
+from icot.rundir import model_path
 from icot.tokenizer import (
     IGNORE_INDEX,
     Encoded,
@@ -31,7 +27,7 @@ from icot.tokenizer import (
     set_answer_marker,
 )
 from icot.training.distributed import shard, sum_across
-from icot.training.loop import Stage, model_path
+from icot.training.loop import Stage
 
 
 def load_split(config: IcotConfig, split: str) -> list[Example]:
@@ -61,15 +57,23 @@ def starting_lm(config: IcotConfig, train: Sequence[Example], init_from: str = "
             raise ConfigError(f"field 'model.answer_marker': {mc.answer_marker!r}, but the model this stage starts "
                               f"from has the layout marker {answer_marker(tokenizer)!r}", init_from)
         return model, tokenizer
+    tokenizer = starting_tokenizer(config, train)
+    if mc.name_or_path:
+        return load_pretrained_lm(mc.name_or_path, tokenizer), tokenizer
+    return build_gpt2(mc, tokenizer), tokenizer
+
+
+def starting_tokenizer(config: IcotConfig, train: Sequence[Example]) -> PreTrainedTokenizerBase:
+    """The vocabulary of a model that does not start from a stage directory: the pretrained model's
+    (``model.name_or_path``), or one built from ``train``; with the answer marker of ``model``."""
+    mc = config.model
     if mc.name_or_path:
         tokenizer = load_tokenizer(mc.name_or_path)
         set_answer_marker(tokenizer, mc.answer_marker)
-        return load_pretrained_lm(mc.name_or_path, tokenizer), tokenizer
+        return tokenizer
     if mc.tokenizer == "word":
-        tokenizer = build_word_tokenizer(train, mc.answer_marker)
-    else:
-        tokenizer = build_bpe_tokenizer(train, mc.bpe_vocab_size, mc.answer_marker)
-    return build_gpt2(mc, tokenizer), tokenizer
+        return build_word_tokenizer(train, mc.answer_marker)
+    return build_bpe_tokenizer(train, mc.bpe_vocab_size, mc.answer_marker)
 
 
 def check_fits(encoded: Sequence[Encoded], model: PreTrainedModel, path: str) -> None:

@@ -17,10 +17,10 @@ from icot.errors import CheckpointError
 from icot.models.emulator import ThoughtEmulator
 from icot.models.implicit import ImplicitModel
 from icot.models.student import MindReadingStudent
+from icot.rundir import model_path
 from icot.tokenizer import Layout
 from icot.training.causal_lm import check_fits, load_split, prompts_of
 from icot.training.distill import AnswerStage, check_same_shape, paired_items
-from icot.training.loop import model_path
 
 
 class Coupled(nn.Module):

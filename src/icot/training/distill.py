@@ -20,6 +20,7 @@ from icot.errors import CheckpointError
 from icot.evaluation import normalize_answer
 from icot.models.lm import hidden_size, load_lm_dir, n_layers, require_explicit
 from icot.models.teacher_states import extract_teacher_states, teacher_positions
+from icot.rundir import model_path
 from icot.tokenizer import Encoded, Layout
 from icot.training.causal_lm import (
     answer_budget,
@@ -33,7 +34,7 @@ from icot.training.causal_lm import (
     to_device,
 )
 from icot.training.distributed import shard
-from icot.training.loop import Stage, model_path
+from icot.training.loop import Stage
 
 
 @dataclass

@@ -15,19 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env, reduce
+from accelerate.utils import reduce
+
+from icot.devices import process_state
 
 T = TypeVar("T")
-
-
-def process_state() -> PartialState:
-    """Accelerate's process-wide state, set up the way an ``Accelerator`` would set it up.
-
-    ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``: created first in CPU processes started by
-    ``accelerate launch``, it would make each of them a lone main process.
-    """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def shard(items: Sequence[T]) -> Sequence[T]:

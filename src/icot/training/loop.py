@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import time
@@ -39,25 +40,28 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from icot.config import IcotConfig, TrainConfig, save_config
 from icot.errors import CheckpointError, ConfigError, TrainingInterrupted
-from icot.models.lm import read_meta, recover_atomically, save_atomically, write_meta
-from icot.training.distributed import mean_across
-from icot.training.resume import (
+from icot.progress import progress_bar
+from icot.rundir import (
+    BEST,
     CHECKPOINT,
     STATE_FILE,
     checkpoint_dir,
-    load_module_state,
-    load_training_state,
-    read_trainer_state,
+    recover_atomically,
     remove_checkpoints,
-    save_checkpoint,
+    save_atomically,
+    write_meta,
 )
+from icot.training.distributed import mean_across
+from icot.training.resume import load_module_state, load_training_state, read_trainer_state, save_checkpoint
 from icot.training.signals import StopSignals
 
-BEST = "best"
+# A resumed run may change these fields of its own section: how long it trains and how often it reports,
+# not what a step computes. Any other change in the sections the stage depends on is refused.
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "eval_examples", "eval_batch_size", "log_every",
+             "save_every")
 
 
 class Stage:
@@ -128,36 +132,6 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     decay = 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
-
-
-def _stage_status(out_dir: str | Path) -> str | None:
-    """The ``status`` of a stage directory, or None when ``out_dir`` is not one (or is unreadable)."""
-    try:
-        meta = read_meta(out_dir)
-    except Exception:
-        return None
-    return meta.get("status") if meta.get("kind") == "stage" else None
-
-
-def stage_is_done(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` holds a finished stage."""
-    return _stage_status(out_dir) == "done"
-
-
-def model_path(stage_dir: str | Path) -> Path:
-    """The model directory inside a stage directory (the stage's best checkpoint)."""
-    meta = read_meta(stage_dir)
-    if meta["kind"] != "stage":
-        return Path(stage_dir)
-    if not isinstance(meta.get("model"), str):
-        raise CheckpointError("a stage's icot.json lacks field 'model' (the model directory inside it)",
-                              Path(stage_dir) / "icot.json")
-    return Path(stage_dir) / meta["model"]
-
-
-def can_resume(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` holds an unfinished stage with a checkpoint to continue from."""
-    return _stage_status(out_dir) == "running" and checkpoint_dir(out_dir) is not None
 
 
 class _Logger:
@@ -232,11 +206,31 @@ def _micro_batch(stage: Stage, cfg: TrainConfig, processes: int) -> int:
     return micro
 
 
+def train_fingerprint(items: Sequence[Any]) -> str:
+    """SHA-256 of the training items (token ids and offsets): a resumed run must train on the same data,
+    and a file of the same length but other lines is other data."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(repr(item).encode())
+    return digest.hexdigest()
+
+
+def flat_sections(config: IcotConfig, sections: Sequence[str]) -> dict[str, Any]:
+    """``{"section.field": value}`` of ``sections``, as JSON gives them back (tuples as lists)."""
+    flat = {}
+    for name, values in config.section(*sections).items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            flat[f"{name}.{key}" if key else name] = value
+    return json.loads(json.dumps(flat))
+
+
 class _Trainer:
     """One run of :func:`train_stage`; its methods are the phases of the loop."""
 
-    def __init__(self, stage: Stage, cfg: TrainConfig, out_dir: Path, run_config: IcotConfig, progress: bool):
+    def __init__(self, stage: Stage, cfg: TrainConfig, out_dir: Path, run_config: IcotConfig, progress: bool,
+                 depends: Sequence[str]):
         self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, out_dir, run_config
+        self.settings = flat_sections(run_config, depends)
         self.accelerator = _accelerator(stage, cfg)
         self.main = self.accelerator.is_main_process
         set_seed(cfg.seed)
@@ -246,8 +240,9 @@ class _Trainer:
         self.progress = progress
         self.identity = {"stage": stage.name, "num_processes": self.accelerator.num_processes,
                          "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                         "train_examples": len(stage.train_items)}
-        self.done, self.at_boundary, self.extra = False, True, {}
+                         "train_examples": len(stage.train_items), "train_sha256": train_fingerprint(stage.train_items)}
+        self.done, self.at_boundary, self.extra, self.changed = False, True, {}, {}
+        self.stopped_by = ""  # which budget ended the run: max_steps, epochs or max_minutes
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -260,7 +255,27 @@ class _Trainer:
         if path is None:
             raise CheckpointError("no checkpoint to resume from (train with save_every > 0, or stop with "
                                   "SIGINT/SIGTERM)", self.out_dir / CHECKPOINT)
-        return path, read_trainer_state(path, self.identity)
+        state = read_trainer_state(path, self.identity)
+        self.changed = self._setting_changes(path, state)
+        return path, state
+
+    def _setting_changes(self, path: Path, state: dict[str, Any]) -> dict[str, list[Any]]:
+        """``{field: [checkpoint's, now]}`` of the settings this resumed run changes; refuses any change
+        outside the stage's own ``RESUMABLE`` fields, naming the field."""
+        saved = state.get("settings")
+        if not isinstance(saved, dict):
+            raise CheckpointError("field 'settings' is missing (a checkpoint of an older icot): train afresh",
+                                  path / STATE_FILE)
+        changed = {k: [saved.get(k), self.settings.get(k)] for k in sorted(self.settings)
+                   if saved.get(k) != self.settings.get(k)}
+        allowed = {f"{self.stage.name}.{name}" for name in RESUMABLE}
+        for key, (before, now) in changed.items():
+            if key not in allowed:
+                raise CheckpointError(f"field '{key}' was {before!r} when this checkpoint was written and is "
+                                      f"{now!r} now; a resumed run keeps its settings (only "
+                                      f"{self.stage.name}.{{{','.join(RESUMABLE)}}} may change): resume with "
+                                      f"{before!r}, or train afresh (--overwrite, or delete the directory)", path / STATE_FILE)
+        return changed
 
     def _prepare_directory(self, state: dict[str, Any] | None) -> None:
         if not self.main:
@@ -304,6 +319,8 @@ class _Trainer:
         except TypeError as e:
             raise CheckpointError(f"field 'position' does not fit: {e}", path / STATE_FILE) from None
         self.log.lines = self.position.metrics_lines
+        if self.changed:  # what this run changed, in the record beside the metrics it affects
+            self.log({"event": "resume", "step": self.position.step, "changed": self.changed})
         for step in range(self.position.step):  # rebuild the stage's curriculum state (see Stage.begin_step)
             self.stage.begin_step(step)
 
@@ -321,8 +338,7 @@ class _Trainer:
         self.start = time.monotonic() - p.elapsed
         self.deadline = self.start + self.cfg.max_minutes * 60 if self.cfg.max_minutes else math.inf
         self.done = p.step >= self.total_steps
-        self.bar = tqdm(total=self.total_steps, initial=p.step, desc=self.stage.name,
-                        disable=not (self.progress and self.main), dynamic_ncols=True)
+        self.bar = progress_bar(self.total_steps, self.stage.name, initial=p.step, enabled=self.progress and self.main)
         try:
             with StopSignals() as stop:
                 self.module.train()
@@ -381,6 +397,7 @@ class _Trainer:
         signum, out_of_time = self._stop_requests(stop)
         if p.step >= self.total_steps or out_of_time:
             self.done = True
+            self.stopped_by = "max_minutes" if p.step < self.total_steps else self._budget_name()
             return
         if cfg.eval_every and p.step % cfg.eval_every == 0:
             self._validate_and_keep()
@@ -388,6 +405,10 @@ class _Trainer:
             path = self._save_checkpoint()
             if signum:
                 raise TrainingInterrupted(signum, p.step, path)
+
+    def _budget_name(self) -> str:
+        """The field whose budget ``total_steps`` is: ``max_steps`` when it is the smaller, else ``epochs``."""
+        return "max_steps" if self.cfg.max_steps and self.total_steps == self.cfg.max_steps else "epochs"
 
     def _stop_requests(self, stop: StopSignals) -> tuple[int | None, bool]:
         """``(signal, out of time)`` agreed by all processes: a launcher may signal only some of them, and
@@ -436,7 +457,8 @@ class _Trainer:
         if acc.num_processes > 1 and running:
             # Per-entry means over processes give the same next train log as each process's own list.
             running = acc.reduce(torch.tensor(running, device=acc.device), reduction="mean").tolist()
-        state = {**self.identity, "position": {**dataclasses.asdict(p), "running": running}}
+        state = {**self.identity, "settings": self.settings,
+                 "position": {**dataclasses.asdict(p), "running": running}}
         return save_checkpoint(self.out_dir, acc, self.unwrapped, self.optimizer, self.scheduler, state,
                                self.epoch_start)
 
@@ -444,7 +466,8 @@ class _Trainer:
         p = self.position
         if p.best is None:
             raise RuntimeError(f"{self.stage.name}: no validation was eligible for keeping; train longer")
-        result = {"steps": p.step, "examples": p.examples, "seconds": self._elapsed(), "best": p.best}
+        result = {"steps": p.step, "examples": p.examples, "seconds": self._elapsed(), "best": p.best,
+                  "stopped_by": self.stopped_by or self._budget_name()}
         if self.main:
             write_meta(self.out_dir, {"kind": "stage", "stage": self.stage.name, "model": BEST, "status": "done",
                                       **result})
@@ -454,7 +477,7 @@ class _Trainer:
 
 
 def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config: IcotConfig,
-                progress: bool = True, resume: bool = False) -> dict[str, Any]:
+                progress: bool = True, resume: bool = False, depends: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``stage`` with ``cfg`` and keep its best validated model in ``out_dir/best``.
 
     Args:
@@ -465,12 +488,16 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
         progress: show a progress bar.
         resume: continue from ``out_dir/checkpoint`` (same data order, optimizer and RNG states: the result
             equals an uninterrupted run's to float tolerance).
+        depends: the config sections the stage's output depends on (``icot.training.stages.depends``; all
+            sections by default); a resumed run may change only its own ``RESUMABLE`` fields of them.
 
     Returns:
-        ``{"steps", "examples", "seconds", "best": metrics of the kept model}``.
+        ``{"steps", "examples", "seconds", "best": metrics of the kept model, "stopped_by": "max_steps" |
+        "epochs" | "max_minutes"}``.
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
         CheckpointError: when ``resume`` finds no checkpoint or one that does not fit.
     """
-    return _Trainer(stage, cfg, Path(out_dir), run_config, progress).run(resume)
+    sections = depends if depends is not None else [f.name for f in dataclasses.fields(run_config)]
+    return _Trainer(stage, cfg, Path(out_dir), run_config, progress, sections).run(resume)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,37 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from icot.errors import CheckpointError
-from icot.models.lm import save_atomically
+from icot.rundir import CHECKPOINT, STATE_FILE, save_atomically
 
-CHECKPOINT = "checkpoint"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer_state.json"
 FORMAT = 1
 # Fields a resumed run must share with the checkpoint: they fix the data order and what one step is.
-MUST_MATCH = ("stage", "num_processes", "batch_size", "grad_accum", "seed", "train_examples")
-
-
-def checkpoint_dir(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint of a stage directory, or None (reads only).
-
-    ``save_atomically`` moves the old directory aside before renaming the new one into place; a kill
-    between those two renames leaves only the old one, as ``.checkpoint.old-PID``, which counts then
-    (:func:`~icot.models.lm.recover_atomically` puts it back).
-    """
-    out_dir = Path(out_dir)
-    if (out_dir / CHECKPOINT / STATE_FILE).is_file():
-        return out_dir / CHECKPOINT
-    aside = sorted(out_dir.glob(f".{CHECKPOINT}.old-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    return aside[-1].parent if aside else None
-
-
-def remove_checkpoints(out_dir: str | Path) -> None:
-    """Delete the checkpoint of a stage directory, and what interrupted saves left (``.checkpoint.*``)."""
-    out_dir = Path(out_dir)
-    for path in [out_dir / CHECKPOINT, *out_dir.glob(f".{CHECKPOINT}.old-*"), *out_dir.glob(f".{CHECKPOINT}.tmp-*")]:
-        shutil.rmtree(path, ignore_errors=True)
+MUST_MATCH = ("stage", "num_processes", "batch_size", "grad_accum", "seed", "train_examples", "train_sha256")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +157,10 @@ def read_trainer_state(path: Path, expected: Mapping[str, Any]) -> dict[str, Any
         if not isinstance(state.get(field), dict):
             raise CheckpointError(f"field '{field}' is missing or not a mapping", file)
     for field in MUST_MATCH:
+        if field == "train_sha256" and state.get(field) != expected[field]:
+            raise CheckpointError("the training data differ from those this checkpoint was trained on (field "
+                                  f"'train_sha256' is {str(state.get(field))[:12]}..., this run's data give "
+                                  f"{expected[field][:12]}...): resume on the same file, or train afresh", file)
         if state.get(field) != expected[field]:
             raise CheckpointError(f"field '{field}' is {state.get(field)!r} but this run has {expected[field]!r}; "
                                   "resume with the same settings, or delete the checkpoint to start afresh", file)

@@ -21,11 +21,11 @@ from torch import nn
 
 from icot.config import IcotConfig, StepwiseConfig, TrainConfig
 from icot.errors import ConfigError
-from icot.evaluation import shifted_positions
-from icot.models.lm import read_meta, require_explicit, save_lm_dir
+from icot.generation import shifted_positions
+from icot.models.lm import require_explicit, save_lm_dir
+from icot.rundir import model_path, read_meta
 from icot.tokenizer import IGNORE_INDEX, Encoded
 from icot.training.causal_lm import CausalLMStage, lm_batch, validate_lm
-from icot.training.loop import model_path
 
 
 def removal_offsets(n: int, lam: float, generator: torch.Generator) -> torch.Tensor:
