@@ -91,7 +91,7 @@ class ImplicitPredictor:
         # Left padding puts every row's <sep> in the last column.
         s1 = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)  # (B,)
         new = self.model.generate(ids, mask, s1, self.layout, self.max_new_tokens)  # (B, t)
-        return [Prediction("", self.layout.split_generation(row, with_cot=False)[1]) for row in new.tolist()]
+        return [Prediction("", answer) for answer in self.layout.answers(new)]
 
 
 def check_inputs(predictor: Predictor, inputs: Sequence[str], path: str | Path | None = None) -> None:

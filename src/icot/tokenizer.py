@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -172,6 +173,10 @@ class Layout:
             answer_start = len(ids)
             out.append(Encoded(ids + list(segs[-1]) + [self.eos_id], s1, s2, answer_start))
         return out
+
+    def answers(self, generated: torch.Tensor) -> list[str]:
+        """The answer texts of a batch of no-CoT generations (B, t) (see :meth:`split_generation`)."""
+        return [self.split_generation(row, with_cot=False)[1] for row in generated.tolist()]
 
     def split_generation(self, ids: Sequence[int], with_cot: bool) -> tuple[str, str]:
         """Split generated ids (after ``INPUT <sep>``) into ``(cot, answer)`` text.

@@ -137,10 +137,26 @@ def extract_teacher_states(
     """
     if len(hidden_states) < 2:
         raise ValueError(f"hidden_states must hold L+1 >= 2 tensors, got {len(hidden_states)}")
-    n_layers = len(hidden_states) - 1
+    device = hidden_states[0].device
+    layers, positions = teacher_positions(s1.to(device), s2.to(device), len(hidden_states) - 1, subset, delta)
+    return gather_teacher_states(hidden_states, layers, positions)
+
+
+def gather_teacher_states(hidden_states: Sequence[torch.Tensor], layers: torch.Tensor, positions: torch.Tensor
+                          ) -> torch.Tensor:
+    """``z`` from ``output_hidden_states`` at positions :func:`teacher_positions` gave (computed once per batch).
+
+    Args:
+        hidden_states: the L+1 tensors (B, T, H) of ``output_hidden_states``.
+        layers: (L,) indices into ``hidden_states``.
+        positions: (B, L) positions, one per row and layer.
+
+    Returns:
+        (B, L, H): ``z_l`` per row, normalized by a LayerNorm without learned parameters.
+    """
     B, T, H = hidden_states[0].shape
     device = hidden_states[0].device
-    layers, positions = teacher_positions(s1.to(device), s2.to(device), n_layers, subset, delta)
+    positions = positions.to(device)
     if positions.shape[0] != B:
         raise ValueError(f"s1 has {positions.shape[0]} rows but the hidden states have a batch of {B}")
     if positions.numel() and int(positions.max()) >= T:

@@ -38,7 +38,7 @@ class Coupled(nn.Module):
         """Greedy answers from the input alone: emulator prefill, student prefill, decoding."""
         ids, mask, s1 = prompts_of(batch, layout.pad_id)
         new = self.implicit.generate(ids, mask, s1, layout, max_new_tokens)
-        return [layout.split_generation(row, with_cot=False)[1] for row in new.tolist()]
+        return layout.answers(new)
 
 
 class CoupleStage(AnswerStage):

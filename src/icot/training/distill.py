@@ -19,7 +19,7 @@ from icot.data import Example
 from icot.errors import CheckpointError
 from icot.evaluation import normalize_answer
 from icot.models.lm import hidden_size, load_lm_dir, n_layers, require_explicit
-from icot.models.teacher_states import extract_teacher_states, teacher_positions
+from icot.models.teacher_states import gather_teacher_states, teacher_positions
 from icot.rundir import model_path
 from icot.tokenizer import Encoded, Layout
 from icot.training.causal_lm import (
@@ -68,8 +68,8 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, stage_dir: str, kd: KDConfig):
         super().__init__()
-        self.lm, self.tokenizer, self.meta = load_lm_dir(model_path(stage_dir))
-        require_explicit(self.meta, stage_dir)
+        self.lm, self.tokenizer, meta = load_lm_dir(model_path(stage_dir))
+        require_explicit(meta, stage_dir)
         self.lm.eval()
         self.lm.requires_grad_(False)
         self.kd = kd
@@ -83,21 +83,19 @@ class FrozenTeacher(nn.Module):
         """The teacher states ``z`` (B, L, H) and the positions ``t_l`` they were read at (B, L)."""
         out = self.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                       output_hidden_states=True)
-        s1, s2 = batch["teacher_s1"], batch["teacher_s2"]
-        z = extract_teacher_states(out.hidden_states, s1, s2, self.kd.subset, self.kd.delta_value)
-        _, positions = teacher_positions(s1, s2, len(out.hidden_states) - 1, self.kd.subset, self.kd.delta_value)
-        return z, positions
+        layers, positions = teacher_positions(batch["teacher_s1"], batch["teacher_s2"], len(out.hidden_states) - 1,
+                                              self.kd.subset, self.kd.delta_value)
+        return gather_teacher_states(out.hidden_states, layers, positions), positions
 
 
-def kd_data(config: IcotConfig, layout: Layout, lm: nn.Module) -> tuple[list[PairedItem], list[Example], list[PairedItem]]:
-    """Training items, validation examples and validation items for a distillation stage."""
+def kd_data(config: IcotConfig, layout: Layout, lm: nn.Module) -> tuple[list[PairedItem], list[PairedItem]]:
+    """Training and validation items for a distillation stage."""
     train = load_split(config, "train")
     items = paired_items(layout, train, config.data.train)
     check_fits([it.explicit for it in items], lm, config.data.train)
-    valid = load_split(config, "valid")
-    valid_items = paired_items(layout, valid, config.data.valid)
+    valid_items = paired_items(layout, load_split(config, "valid"), config.data.valid)
     check_fits([it.explicit for it in valid_items], lm, config.data.valid)
-    return items, valid, valid_items
+    return items, valid_items
 
 
 def kd_start(config: IcotConfig, train_cfg: TrainConfig, teacher_dir: str

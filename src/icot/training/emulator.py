@@ -63,7 +63,7 @@ class EmulatorStage(Stage):
         self.tokenizer, self.layout = tokenizer, Layout(tokenizer)
         emulator = ThoughtEmulator(lm, mixture_size=config.kd.mixture_size)
         self.module = EmulatorWithTeacher(emulator, teacher, config.kd.mixture_loss_weight)
-        self.train_items, _, self.valid_items = kd_data(config, self.layout, teacher.lm)
+        self.train_items, self.valid_items = kd_data(config, self.layout, teacher.lm)
 
     def collate(self, items: Sequence[PairedItem]) -> dict[str, torch.Tensor]:
         return paired_batch(items, self.layout.pad_id)

@@ -37,7 +37,7 @@ class StudentWithTeacher(nn.Module):
         z, _ = self.teacher.states(batch)
         ids, mask, s1 = prompts_of(batch, layout.pad_id)
         new = self.student.generate(ids, mask, s1, z, layout, max_new_tokens)
-        return [layout.split_generation(row, with_cot=False)[1] for row in new.tolist()]
+        return layout.answers(new)
 
 
 class StudentStage(AnswerStage):
@@ -50,7 +50,7 @@ class StudentStage(AnswerStage):
         teacher, lm, tokenizer = kd_start(config, self.cfg, teacher_dir)
         self.tokenizer, self.layout = tokenizer, Layout(tokenizer)
         self.module = StudentWithTeacher(MindReadingStudent(lm), teacher)
-        self.train_items, self.valid, self.valid_items = kd_data(config, self.layout, teacher.lm)
+        self.train_items, self.valid_items = kd_data(config, self.layout, teacher.lm)
 
     def save(self, module: nn.Module, path: Path) -> None:
         module.student.save_pretrained(path, self.tokenizer, {"teacher_states": self.config.kd.subset}, self.config)
