@@ -309,3 +309,16 @@ def test_every_option_has_help_and_the_overrides_are_explained():
 def test_pipeline_accepts_resume(tmp_path, capsys):
     args, extra = build_parser().parse_known_args(["pipeline", "c.yaml", "--out", str(tmp_path), "--resume"])
     assert args.resume and extra == []
+
+
+def test_eval_by_operand_size(trained_nocot, tiny_config, tmp_path, capsys):
+    out = tmp_path / "sizes.json"
+    assert main(["eval", "--model", str(trained_nocot), "--sizes", "2x2,1x2", "--count", "6",
+                 "--exclude", tiny_config.data.train, "--json", str(out)]) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert [r["size"] for r in result["by_size"]] == ["2x2", "1x2"] and all(r["n"] == 6 for r in result["by_size"])
+    assert main(["eval", "--model", str(trained_nocot), "--sizes", "2by2"]) == 2
+    assert _error_lines(capsys.readouterr().err) == ["icot: error: <input>: size '2by2' is not NxM with N, M >= 1 digits (e.g. 3x4)"]
+    with pytest.raises(SystemExit):  # --data and --sizes exclude each other
+        main(["eval", "--model", str(trained_nocot), "--sizes", "2x2", "--data", tiny_config.data.valid])

@@ -12,6 +12,7 @@ from icot.config import (
     TrainConfig,
     load_config,
     parse_overrides,
+    parse_sizes,
     save_config,
 )
 from icot.errors import ConfigError
@@ -220,3 +221,13 @@ def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
     path.write_text("teacher: {lr: 1.0e-3, lr: 2.0e-3}\n")
     with pytest.raises(ConfigError, match="key 'lr' given twice"):
         load_config(path)
+
+
+def test_eval_sizes_are_checked_when_the_config_loads():
+    assert load_config(None, {"eval": {"sizes": ["3x3", "4X5"]}}).eval.sizes == ["3x3", "4X5"]
+    assert parse_sizes("3x3, 4X5") == [(3, 3), (4, 5)]
+    for bad in (["3by3"], ["0x3"], ["3x"]):
+        with pytest.raises(ConfigError, match="field 'eval.sizes'"):
+            load_config(None, {"eval": {"sizes": bad}})
+    with pytest.raises(ConfigError, match="eval.sizes_count"):
+        load_config(None, {"eval": {"sizes_count": 0}})

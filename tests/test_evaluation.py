@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from icot.data import Example, read_examples
+from icot.data import Example, parse_line, read_examples, read_inputs
+from icot.data.multiplication import generate_examples
 from icot.devices import decode_device, process_state
 from icot.errors import CheckpointError, ConfigError
-from icot.evaluation import LMPredictor, Prediction, evaluate, load_predictor
+from icot.evaluation import LMPredictor, Prediction, evaluate, evaluate_sizes, load_predictor
 from icot.generation import StopAfterEos, greedy_generate, left_pad, shifted_positions
 from icot.models.lm import load_lm_dir
 from icot.tokenizer import Layout
@@ -261,3 +262,26 @@ def test_generate_with_moved_positions_equals_a_manual_decode(trained_nocot, ses
     assert torch.allclose(plain[0, :-1], shifted[0, :-1])  # before <sep>: untouched
     assert not torch.allclose(plain[0, -1], shifted[0, -1])
     assert not model._forward_pre_hooks  # the hook is gone after decoding
+
+
+def test_evaluate_sizes_scores_each_size_on_unseen_problems(predictors, session_config):
+    train_inputs = read_inputs(session_config.data.train)
+    rows = evaluate_sizes(predictors["nocot"], [(2, 2), (1, 2), (40, 40)], count=12, seed=3,
+                          batch_size=4, exclude=[session_config.data.train], progress=False)
+    assert [r["size"] for r in rows] == ["2x2", "1x2", "40x40"]
+    for row in rows[:2]:
+        assert row["n"] == 12 and row["batch_size"] == 4 and 0 <= row["accuracy"] <= 1
+        assert row["correct"] == round(row["accuracy"] * 12)
+    # 40x40 prompts are 82 tokens, past the tiny model's context of 64: reported, not scored, not skipped.
+    assert "accuracy" not in rows[2] and "no room to answer" in rows[2]["error"]
+    # The 2x2 problems avoid every training INPUT (only 81 * 90 exist, so the exclusion is tested for real).
+    generated = {parse_line(line).input for line in generate_examples(2, 2, 12, 3, train_inputs)}
+    assert not generated & train_inputs and len(generated) == 12
+
+
+def test_evaluate_sizes_on_the_training_size_agrees_with_evaluate(predictors, session_config):
+    lines = generate_examples(2, 2, 10, 5, read_inputs(session_config.data.train))
+    by_size = evaluate_sizes(predictors["teacher"], [(2, 2)], count=10, seed=5, batch_size=5,
+                             exclude=[session_config.data.train], progress=False)[0]
+    direct = evaluate(predictors["teacher"], [parse_line(line) for line in lines], batch_size=5, progress=False)
+    assert by_size["correct"] == direct["correct"]

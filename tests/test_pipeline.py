@@ -15,6 +15,7 @@ from icot.config import load_config
 from icot.errors import DataFormatError
 from icot.pipeline import (
     check_data,
+    plot_by_size,
     plot_stepwise,
     results_markdown,
     run_pipeline,
@@ -160,3 +161,17 @@ def test_pipeline_checks_test_prompts_fit_the_context_before_training(tiny_confi
     with pytest.raises(DataFormatError, match="no room to answer") as info:
         check_data(config)
     assert str(info.value).startswith(f"{config.data.test}:1: ")
+
+
+def test_results_markdown_and_plot_by_operand_size(tmp_path):
+    rows = [{"method": "no-cot", "size": "3x3", "n": 50, "accuracy": 0.1},
+            {"method": "no-cot", "size": "4x4", "n": 50, "accuracy": 0.0},
+            {"method": "icot-si", "size": "3x3", "n": 50, "accuracy": 0.96},
+            {"method": "icot-si", "size": "4x4", "error": "no room to answer"}]
+    results = {"rows": [], "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc",
+               "machine": {"cpu_count": 2, "device": "cpu"}, "by_size": rows}
+    table = results_markdown(results)
+    assert "| method | 3x3 | 4x4 |" in table and "| icot-si | 96.0% | - |" in table and "| no-cot | 10.0% | 0.0% |" in table
+    assert "50 generated problems per size" in table
+    plot_by_size(rows, tmp_path / "by_size.png", "3x3 multiplication")
+    assert (tmp_path / "by_size.png").stat().st_size > 1000

@@ -101,17 +101,25 @@ def _is_main_process() -> bool:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from icot.config import parse_sizes
     from icot.data import read_examples
     from icot.devices import decode_device
-    from icot.evaluation import check_inputs, evaluate, load_predictor, write_json
+    from icot.evaluation import check_inputs, evaluate, evaluate_sizes, load_predictor, write_json
 
+    sizes = parse_sizes(args.sizes) if args.sizes else None  # before loading a model: a typo fails at once
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
                                dtype=args.dtype)
-    examples = read_examples(args.data, allow_empty_cot=True)
-    check_inputs(predictor, [ex.input for ex in examples[: args.limit or None]], args.data)
-    result = evaluate(predictor, examples, batch_size=args.batch_size, limit=args.limit)
-    result = {"model": args.model, "data": args.data, "device": str(decode_device(args.device)), "dtype": args.dtype,
-              **result}
+    head = {"model": args.model, "device": str(decode_device(args.device)), "dtype": args.dtype}
+    if sizes:
+        rows = evaluate_sizes(predictor, sizes, args.count, args.seed, args.batch_size, args.exclude or [])
+        result = {**head, "count": args.count, "seed": args.seed, "exclude": args.exclude or [], "by_size": rows}
+        for row in rows:
+            shown = f"{100 * row['accuracy']:.1f}% of {row['n']}" if "accuracy" in row else f"not scored: {row['error']}"
+            print(f"{row['size']}: {shown}", file=sys.stderr)
+    else:
+        examples = read_examples(args.data, allow_empty_cot=True)
+        check_inputs(predictor, [ex.input for ex in examples[: args.limit or None]], args.data)
+        result = {**head, "data": args.data, **evaluate(predictor, examples, batch_size=args.batch_size, limit=args.limit)}
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(result, args.json)
@@ -208,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="exact-match accuracy and examples/s")
     ev.add_argument("--model", required=True, help="model or stage directory")
-    ev.add_argument("--data", required=True, help="data file (INPUT||COT #### ANSWER); the CoT is not shown to the model")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="data file (INPUT||COT #### ANSWER); the CoT is not shown to the model")
+    what.add_argument("--sizes", help="instead of --data: generated multiplication problems of these operand sizes, "
+                                      "e.g. 3x3,3x4,4x5 (out of distribution for a model trained on another size)")
+    ev.add_argument("--count", type=_int_at_least(1), default=200, help="problems per size (--sizes; default 200)")
+    ev.add_argument("--seed", type=_int_at_least(0), default=12345, help="seed of the generated problems (--sizes)")
+    ev.add_argument("--exclude", action="append",
+                    help="data file whose INPUTs the generated problems avoid, e.g. the training file (--sizes; repeatable)")
     ev.add_argument("--batch-size", type=_int_at_least(1), default=1, help="examples decoded together (1: the papers')")
     ev.add_argument("--limit", type=_int_at_least(0), default=0, help="evaluate the first N lines (0: all)")
     ev.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="decoding budget per example")

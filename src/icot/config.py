@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,24 @@ class StepwiseConfig:
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def parse_sizes(text: str | Sequence[str]) -> list[tuple[int, int]]:
+    """``"3x3,4x5"`` (or ``["3x3", "4x5"]``) -> ``[(3, 3), (4, 5)]``: operand digits ``N x M``.
+
+    Raises:
+        ConfigError: naming the entry that is not ``NxM`` with N, M >= 1.
+    """
+    entries = text.split(",") if isinstance(text, str) else list(text)
+    sizes = []
+    for entry in entries:
+        parts = entry.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ConfigError(f"size {entry.strip()!r} is not NxM with N, M >= 1 digits (e.g. 3x4)")
+        sizes.append((int(parts[0]), int(parts[1])))
+    if not sizes:
+        raise ConfigError("no sizes given (e.g. 3x3,4x5)")
+    return sizes
+
+
 @dataclass
 class EvalConfig:
     """Final evaluation.
@@ -292,6 +311,10 @@ class EvalConfig:
         device: where the models decode: ``auto`` (Accelerate's device: a GPU when there is one), ``cpu``,
             ``cuda``, ``cuda:1``, ...
         dtype: weights' dtype while decoding: ``float32``, ``bfloat16`` or ``float16``.
+        sizes: also score every method on generated multiplication problems of these operand sizes
+            (``["3x3", "4x5"]``; empty: skip), out of distribution for a model trained on another size.
+        sizes_count: problems per size (none of them a training INPUT).
+        sizes_seed: seed of those problems.
     """
 
     batch_size: int = 1
@@ -300,8 +323,18 @@ class EvalConfig:
     max_new_tokens: int = 256
     device: str = "auto"
     dtype: str = "float32"
+    sizes: list[str] = field(default_factory=list)
+    sizes_count: int = 200
+    sizes_seed: int = 12345
 
     def __post_init__(self) -> None:
+        if self.sizes:
+            try:
+                parse_sizes(self.sizes)
+            except ConfigError as e:
+                raise ConfigError(f"field 'eval.sizes': {e.problem}") from None
+        _check(self.sizes_count > 0, "eval.sizes_count", "must be > 0")
+        _check(self.sizes_seed >= 0, "eval.sizes_seed", "must be >= 0")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(self.batched_size >= 0, "eval.batched_size", "must be >= 0")
         _check(self.limit >= 0, "eval.limit", "must be >= 0")

@@ -18,7 +18,8 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from icot.data import Example
+from icot.data import Example, parse_line, read_inputs
+from icot.data.multiplication import generate_examples
 from icot.devices import decode_device
 from icot.errors import CheckpointError, DataFormatError
 from icot.generation import context_length, greedy_generate, left_pad
@@ -154,6 +155,33 @@ def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int 
             "batch_size": batch_size, "seconds": seconds}
 
 
+def evaluate_sizes(predictor: Predictor, sizes: Sequence[tuple[int, int]], count: int, seed: int = 0,
+                   batch_size: int = 1, exclude: Sequence[str | Path] = (), progress: bool = True) -> list[dict]:
+    """Exact match on multiplication problems of other operand sizes than trained (out of distribution).
+
+    Each size gets ``count`` distinct generated lines (``seed``; the INPUTs of ``exclude`` files never
+    appear, so the trained size can be scored on unseen problems). A size whose prompts do not fit the
+    model's context is reported with its ``error`` instead of an accuracy.
+
+    Returns:
+        One row per size: ``{"size": "NxM", "digits_a", "digits_b", "n", "accuracy", "correct",
+        "examples_per_second", "batch_size"}`` or ``{"size", "digits_a", "digits_b", "error"}``.
+    """
+    excluded = [text for path in exclude for text in read_inputs(path)]
+    rows = []
+    for a, b in sizes:
+        examples = [parse_line(line) for line in generate_examples(a, b, count, seed, excluded)]
+        row = {"size": f"{a}x{b}", "digits_a": a, "digits_b": b}
+        try:
+            check_inputs(predictor, [ex.input for ex in examples], f"<{a}x{b} problems>")
+        except DataFormatError as e:
+            rows.append({**row, "error": e.problem})
+            continue
+        result = evaluate(predictor, examples, batch_size=batch_size, progress=progress)
+        rows.append({**row, **{k: result[k] for k in ("n", "accuracy", "correct", "examples_per_second", "batch_size")}})
+    return rows
+
+
 def write_json(result: dict, path: str | Path) -> None:
     """Write an evaluation result as JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +189,7 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "ImplicitPredictor", "evaluate", "check_inputs", "check_prompts",
-           "normalize_answer", "write_json", "load_predictor"]
+           "normalize_answer", "write_json", "load_predictor", "evaluate_sizes"]
 
 
 def load_predictor(path: str, max_new_tokens: int = 256, device: str = "auto", dtype: str = "float32") -> Predictor:

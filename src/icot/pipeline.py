@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from icot.config import IcotConfig, load_config
+from icot.config import IcotConfig, load_config, parse_sizes
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
 from icot.devices import decode_device, process_state
 from icot.errors import ConfigError
-from icot.evaluation import check_inputs, check_prompts, evaluate, load_predictor
+from icot.evaluation import check_inputs, check_prompts, evaluate, evaluate_sizes, load_predictor
 from icot.rundir import can_resume, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
@@ -152,6 +152,22 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -
     return rows
 
 
+def evaluate_by_size(config: IcotConfig, run_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Every method on generated problems of ``eval.sizes`` (none a training INPUT), at the batched size."""
+    rows = []
+    batch_size = config.eval.batched_size or config.eval.batch_size
+    for method in config.methods:
+        row_name, stage = METHOD_ROWS[method]
+        predictor = load_predictor(str(run_dir / stages.spec(stage).directory), config.eval.max_new_tokens,
+                                   config.eval.device, config.eval.dtype)
+        for r in evaluate_sizes(predictor, parse_sizes(config.eval.sizes), config.eval.sizes_count,
+                                config.eval.sizes_seed, batch_size, [config.data.train], progress):
+            rows.append({"method": row_name, **r})
+            shown = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else f"not scored ({r['error']})"
+            print(f"[icot] {row_name} on {r['size']}: {shown}")
+    return rows
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -187,6 +203,44 @@ def _kept(best: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _by_size_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Exact match (%) by operand size, one row per method (``-`` where prompts do not fit the context)."""
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["size"]): (f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-") for r in rows}
+    n = next((r["n"] for r in rows if "n" in r), 0)
+    out = [f"Exact match by operand size ({n} generated problems per size, none a training INPUT; "
+           "'-': prompts longer than the context):", "",
+           "| method | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+    out += ["| " + m + " | " + " | ".join(cell.get((m, z), "") for z in sizes) + " |" for m in methods]
+    return out
+
+
+def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Exact match against operand size, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by = {r["size"]: r for r in rows if r["method"] == method}
+        ax.plot(range(len(sizes)), [100 * by[z]["accuracy"] if "accuracy" in by.get(z, {}) else float("nan")
+                                    for z in sizes], "o-", label=method)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set_xlabel("operand digits (N x M)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def task_title(results: dict[str, Any]) -> str:
     """What the run solved, for plot titles: ``4x4 multiplication`` for generated data, else the test
     file's folder (``mult/5x5``-style paths) or, for a folder as generic as ``data``, the file name."""
@@ -216,6 +270,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         skipped = " (reused)" if s.get("skipped") else ""
         lines.append(f"| {name}{skipped} | {(s.get('seconds') or 0) / 60:.1f} | {s.get('steps')} | {s.get('examples')} | "
                      f"{s.get('stopped_by', '-')} | {_kept(s.get('best') or {})} |")
+    if results.get("by_size"):
+        lines += ["", *_by_size_table(results["by_size"])]
     if "compute_seconds" in results:  # results written before these fields existed lack them
         stage_seconds = results["compute_seconds"] - results["eval_seconds"]
         lines += ["", f"Time: stages {stage_seconds / 60:.1f} min + evaluation {results['eval_seconds'] / 60:.1f} min "
@@ -299,6 +355,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
         return {}
     eval_start = time.monotonic()
     rows = evaluate_methods(config, run_dir, progress)
+    by_size = evaluate_by_size(config, run_dir, progress) if config.eval.sizes else []
     eval_seconds = time.monotonic() - eval_start
     # wall_seconds is this invocation only; a resumed or partly reused run's cost is its stages' own
     # seconds (kept across resumes in each stage's checkpoint) plus this evaluation.
@@ -306,10 +363,12 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,
                "commit": _commit(), "machine": machine(config.eval.device, config.eval.dtype),
                "wall_seconds": time.monotonic() - start, "eval_seconds": eval_seconds,
-               "compute_seconds": compute_seconds, "config": config.to_dict()}
+               "compute_seconds": compute_seconds, "config": config.to_dict(), "by_size": by_size}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")
+    if by_size:
+        plot_by_size(by_size, run_dir / "accuracy_by_size.png", f"{task_title(results)}: exact match by operand size")
     if "stepwise" in stage_report:
         plot_stepwise({"icot-si": run_dir / stages.spec("stepwise").directory / "metrics.jsonl"}, run_dir / "stepwise_curve.png",
                       f"ICoT-SI, {task_title(results)}")
