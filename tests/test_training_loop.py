@@ -443,3 +443,23 @@ def test_compile_trains_the_compiled_module_like_the_eager_one(tiny_config, tmp_
         assert ("OptimizedModule" in kinds) == compiled
         losses[compiled] = [e["loss"] for e in _events(tmp_path / str(compiled), "train")]
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_tensorboard_tracking_mirrors_metrics_jsonl(tiny_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = dataclasses.replace(tiny_config, nocot=dataclasses.replace(tiny_config.nocot, log_with="tensorboard"))
+    out = tmp_path / "nocot"
+    stages.run("nocot", config, out, progress=False)
+    events = EventAccumulator(str(next((out / "tracking").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in logged if r["event"] == "train"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(v)) for s, v in losses]
+    assert {e.step for e in events.Scalars("validate/val_accuracy")} == {r["step"] for r in logged if r["event"] == "validate"}
+
+
+def test_an_unknown_tracker_is_refused_when_the_config_loads(tiny_config):
+    with pytest.raises(ConfigError, match="field 'nocot.log_with': must be"):
+        load_config(None, {"nocot": {"log_with": "tensorbored"}})

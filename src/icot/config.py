@@ -114,6 +114,7 @@ class ModelConfig:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = ("", "tensorboard", "wandb", "mlflow")  # Accelerate's tracker names ("": none)
 
 
 @dataclass
@@ -143,6 +144,9 @@ class TrainConfig:
         log_every: write training loss to metrics.jsonl every N optimizer steps.
         save_every: write an exact-resume checkpoint (``OUT/checkpoint/``) every N optimizer steps
             (0: only when SIGINT/SIGTERM stops the run); ``--resume`` continues from it.
+        log_with: also send every logged number to an experiment tracker through Accelerate
+            (``tensorboard``: ``OUT/tracking/``, needs ``pip install tensorboard``; ``wandb``, ``mlflow``);
+            empty: ``metrics.jsonl`` only, which is always written and stays the record.
     """
 
     epochs: float = 1.0
@@ -165,6 +169,7 @@ class TrainConfig:
     init_from: str = ""
     log_every: int = 50
     save_every: int = 0
+    log_with: str = ""
 
     # Name used in errors; the loader rewrites it to the real section ('teacher', 'couple', ...).
     SECTION: typing.ClassVar[str] = "train"
@@ -194,6 +199,7 @@ class TrainConfig:
                "must be 'no', 'fp16' or 'bf16'")
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
         _check(self.save_every >= 0, f"{section}.save_every", "must be >= 0")
+        _check(self.log_with in TRACKERS, f"{section}.log_with", "must be " + ", ".join(f"'{x}'" for x in TRACKERS))
 
 
 SUBSETS = ("diagonal", "first_column", "last_column", "top_row", "bottom_row")

@@ -135,16 +135,23 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 class _Logger:
-    """Appends JSON lines to metrics.jsonl (main process only) and counts them for checkpoints."""
+    """Appends JSON lines to metrics.jsonl (main process only) and counts them for checkpoints; with a
+    ``tracker`` (an Accelerator whose ``log_with`` is set) also sends each record's numbers to it, as
+    ``EVENT/NAME`` at the record's step."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled, self.lines = path, enabled, 0
+    def __init__(self, path: Path, enabled: bool, tracker: Accelerator | None = None):
+        self.path, self.enabled, self.lines, self.tracker = path, enabled, 0, tracker
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self.lines += 1
+        if self.tracker is not None:  # a collective no-op on the other processes
+            numbers = {f"{record['event']}/{k}": v for k, v in record.items()
+                       if k not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers:
+                self.tracker.log(numbers, step=record["step"])
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` records: what a killed run wrote after its checkpoint is written again."""
@@ -178,7 +185,7 @@ SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
            DistributedType.MEGATRON_LM: "Megatron-LM"}
 
 
-def _accelerator(stage: Stage, cfg: TrainConfig) -> Accelerator:
+def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
     # Dynamic shapes: stepwise batches narrow as the CoT goes, and should not recompile at each width.
     dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.compile else TorchDynamoPlugin()
     # Accelerate keeps one mixed precision and one dynamo setting per process (the first Accelerator's),
@@ -189,8 +196,12 @@ def _accelerator(stage: Stage, cfg: TrainConfig) -> Accelerator:
     if shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision or last_dynamo != dynamo.backend:
         AcceleratorState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              kwargs_handlers=[ddp], dynamo_plugin=dynamo)
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                                  kwargs_handlers=[ddp], dynamo_plugin=dynamo, log_with=cfg.log_with or None,
+                                  project_dir=str(out_dir / "tracking") if cfg.log_with else None)
+    except (ValueError, ImportError) as e:  # a tracker whose package is not installed
+        raise ConfigError(f"field '{stage.name}.log_with': {cfg.log_with}: {e}") from None
     if accelerator.distributed_type in SHARDED:
         raise ConfigError(f"field 'distributed_type' of the accelerate config is "
                           f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP only (every model of the "
@@ -231,11 +242,11 @@ class _Trainer:
                  depends: Sequence[str]):
         self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, out_dir, run_config
         self.settings = flat_sections(run_config, depends)
-        self.accelerator = _accelerator(stage, cfg)
+        self.accelerator = _accelerator(stage, cfg, out_dir)
         self.main = self.accelerator.is_main_process
         set_seed(cfg.seed)
         self.micro = _micro_batch(stage, cfg, self.accelerator.num_processes)
-        self.log = _Logger(out_dir / "metrics.jsonl", self.main)
+        self.log = _Logger(out_dir / "metrics.jsonl", self.main, self.accelerator if cfg.log_with else None)
         self.position = _Position()
         self.progress = progress
         self.identity = {"stage": stage.name, "num_processes": self.accelerator.num_processes,
@@ -329,6 +340,9 @@ class _Trainer:
     def run(self, resume: bool) -> dict[str, Any]:
         path, state = self._checkpoint_state() if resume else (None, None)
         self._prepare_directory(state)
+        if self.cfg.log_with:  # trackers take scalars: lists and None as text
+            self.accelerator.init_trackers(self.stage.name, config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.settings.items()})
         if state is not None:
             load_module_state(path, self.stage.module)  # before DDP wraps it
         self._build()
@@ -347,6 +361,8 @@ class _Trainer:
                 self._validate_and_keep()
         finally:
             self.bar.close()
+            if self.cfg.log_with:
+                self.accelerator.end_training()
         return self._finish()
 
     def _epoch(self, stop: StopSignals) -> None:
