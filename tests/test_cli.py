@@ -281,7 +281,7 @@ def test_data_check_lists_bad_lines_and_exits_2(tmp_path, capsys):
     assert main(["data", "check", str(good), str(bad)]) == 2
     out, err = capsys.readouterr()
     assert out.splitlines() == [line for line in out.splitlines() if line.startswith(f"{bad}:7: ANSWER does not follow")]
-    assert len(out.splitlines()) == 1 and f"{bad}: 20 lines, 1 whose" in err and f"{good}: 20 lines, 0 whose" in err
+    assert len(out.splitlines()) == 1 and f"{bad}: 20 lines, 1 bad" in err and f"{good}: 20 lines, 0 bad" in err
 
 
 def _subparsers(parser):
@@ -319,6 +319,6 @@ def test_eval_by_operand_size(trained_nocot, tiny_config, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["size"] for r in result["by_size"]] == ["2x2", "1x2"] and all(r["n"] == 6 for r in result["by_size"])
     assert main(["eval", "--model", str(trained_nocot), "--sizes", "2by2"]) == 2
-    assert _error_lines(capsys.readouterr().err) == ["icot: error: <input>: size '2by2' is not NxM with N, M >= 1 digits (e.g. 3x4)"]
+    assert _error_lines(capsys.readouterr().err) == ["icot: error: <input>: --sizes: size '2by2' is not NxM with N, M >= 1 digits (e.g. 3x4)"]
     with pytest.raises(SystemExit):  # --data and --sizes exclude each other
         main(["eval", "--model", str(trained_nocot), "--sizes", "2x2", "--data", tiny_config.data.valid])

@@ -266,17 +266,19 @@ def test_generate_with_moved_positions_equals_a_manual_decode(trained_nocot, ses
 
 def test_evaluate_sizes_scores_each_size_on_unseen_problems(predictors, session_config):
     train_inputs = read_inputs(session_config.data.train)
-    rows = evaluate_sizes(predictors["nocot"], [(2, 2), (1, 2), (40, 40)], count=12, seed=3,
-                          batch_size=4, exclude=[session_config.data.train], progress=False)
-    assert [r["size"] for r in rows] == ["2x2", "1x2", "40x40"]
+    rows = evaluate_sizes(predictors["nocot"], [(2, 2), (1, 2), (40, 40), (1, 1)], count=84, seed=3,
+                          batch_size=42, exclude=[session_config.data.train], progress=False)
+    assert [r["size"] for r in rows] == ["2x2", "1x2", "40x40", "1x1"]
     for row in rows[:2]:
-        assert row["n"] == 12 and row["batch_size"] == 4 and 0 <= row["accuracy"] <= 1
-        assert row["correct"] == round(row["accuracy"] * 12)
-    # 40x40 prompts are 82 tokens, past the tiny model's context of 64: reported, not scored, not skipped.
+        assert row["n"] == 84 and row["batch_size"] == 42 and 0 <= row["accuracy"] <= 1
+        assert row["correct"] == round(row["accuracy"] * 84)
+    # Reported, not scored, not skipped: 40x40 prompts (82 tokens) exceed the tiny model's context of 64,
+    # and 1x1 has only 81 distinct problems.
     assert "accuracy" not in rows[2] and "no room to answer" in rows[2]["error"]
+    assert "accuracy" not in rows[3] and "81" in rows[3]["error"]
     # The 2x2 problems avoid every training INPUT (only 81 * 90 exist, so the exclusion is tested for real).
-    generated = {parse_line(line).input for line in generate_examples(2, 2, 12, 3, train_inputs)}
-    assert not generated & train_inputs and len(generated) == 12
+    generated = {parse_line(line).input for line in generate_examples(2, 2, 84, 3, train_inputs)}
+    assert not generated & train_inputs and len(generated) == 84
 
 
 def test_evaluate_sizes_on_the_training_size_agrees_with_evaluate(predictors, session_config):

@@ -122,7 +122,7 @@ def test_results_markdown_stage_rows_say_units_counts_and_why_they_stopped():
                "stages": {"teacher": {"skipped": False, "seconds": 600.0, "steps": 3000, "examples": 96000,
                                       "best": best, "stopped_by": "max_steps"}}}
     table = results_markdown(results)
-    assert ("| teacher | 10.0 | 3000 | 96000 | max_steps | exact match 99.5% of 200 lines, answer loss 0.0044 on "
+    assert ("| teacher | 10.0 | 3000 | 96000 | max_steps | exact match 99.5% of 200 lines, validation loss 0.0044 on "
             "500 lines, step 3000 |") in table
     assert "0.995" not in table  # percent only
 

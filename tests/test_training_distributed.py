@@ -81,8 +81,12 @@ def test_two_processes_train_like_one(tmp_path, capsys):
     proc = subprocess.run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                            str(_free_port()), "-m", "icot.cli", "train", "teacher", "--config", str(config_file),
-                           "--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(two), "--teacher.log_with", "tensorboard"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The tracker (a neutral field: same records) writes from the main process and leaves the process group
+    # to the end of the run: one events file.
+    assert len(list((two / "tracking").rglob("events.out.tfevents.*"))) == 1
     # One JSON result: only the main process prints. Two processes that failed to form a group would each
     # think themselves main, train alone and print twice.
     two_result = json.loads(proc.stdout)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from icot.cli import main
-from icot.config import save_config
+from icot.config import load_config, output_settings, save_config
 from icot.errors import CheckpointError, TrainingInterrupted
 from icot.models.lm import load_lm_dir
 from icot.pipeline import run_stages
@@ -29,7 +29,7 @@ from icot.rundir import CHECKPOINT, STATE_FILE, can_resume, read_meta, recover_a
 from icot.training import resume as resume_module
 from icot.training import stages
 from icot.training.causal_lm import CausalLMStage
-from icot.training.loop import train_stage
+from icot.training.loop import setting_changes, train_stage
 
 TOLERANCE = 1e-5
 
@@ -310,6 +310,13 @@ def test_resume_with_another_batch_size_is_one_line_error(reference, tmp_path, c
     assert str(out / CHECKPOINT / STATE_FILE) in line and "'batch_size'" in line
 
 
+def _interrupted(config, out: Path, at: int) -> Path:
+    """``out`` after a run of ``config`` stopped by SIGINT at optimizer step ``at`` (a checkpoint is there)."""
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=at)
+    return out
+
+
 def test_resume_with_another_model_shape_is_refused_naming_the_field(reference, tmp_path, capsys):
     out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--model.n_embd", "16")
     assert str(out / CHECKPOINT / STATE_FILE) in line and "'model.n_embd'" in line
@@ -317,9 +324,7 @@ def test_resume_with_another_model_shape_is_refused_naming_the_field(reference, 
 
 def test_checkpoint_weights_of_another_shape_are_one_line_error(reference, tmp_path):
     config, _, _, _ = reference
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted):
-        _train(config, out, interrupt_at=4)
+    out = _interrupted(config, tmp_path / "run", at=4)
     narrow = dataclasses.replace(config, model=dataclasses.replace(config.model, n_embd=16))
     with pytest.raises(CheckpointError, match="does not fit this stage's model: .*transformer.") as info:
         resume_module.load_module_state(out / CHECKPOINT, stages.build("teacher", narrow).module)
@@ -329,7 +334,7 @@ def test_checkpoint_weights_of_another_shape_are_one_line_error(reference, tmp_p
 def test_resume_with_a_changed_learning_rate_is_refused_naming_the_field(reference, tmp_path, capsys):
     """The old behaviour kept training at the checkpoint's rate while config.yaml said the new one."""
     out, line = _interrupt_then_resume(reference, tmp_path, capsys, "--teacher.lr", "5e-4")
-    assert "'teacher.lr'" in line and "resume with 0.003" in line
+    assert "field 'teacher.lr' was 0.003 when this checkpoint was written and is 0.0005 now" in line
     assert "lr: 0.0005" not in (out / "config.yaml").read_text()  # config.yaml still states what ran
 
 
@@ -338,9 +343,7 @@ def test_resume_on_other_data_of_the_same_length_is_refused(reference, tmp_path,
     train = tmp_path / "train.txt"
     train.write_text(Path(config.data.train).read_text(encoding="utf-8"), encoding="utf-8")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=str(train)))
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted):
-        _train(config, out, interrupt_at=4)
+    out = _interrupted(config, tmp_path / "run", at=4)
     lines = train.read_text(encoding="utf-8").splitlines(keepends=True)
     lines[0], lines[1] = lines[1], lines[0]  # same lines, same count, other data order
     train.write_text("".join(lines), encoding="utf-8")
@@ -350,9 +353,7 @@ def test_resume_on_other_data_of_the_same_length_is_refused(reference, tmp_path,
 
 def test_resume_with_a_longer_budget_applies_it_and_logs_the_change(reference, tmp_path):
     config, ref_out, _, _ = reference
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted):
-        _train(config, out, interrupt_at=5)
+    out = _interrupted(config, tmp_path / "run", at=5)
     longer = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, max_steps=36))
     _, result = _train(longer, out, resume=True)
     assert result["steps"] == 36
@@ -450,3 +451,61 @@ def test_checkpoint_model_file_stores_tied_weights_once_and_packed_views_whole(t
     assert loaded.head.weight is loaded.embed.weight  # still tied
     # Loading wrote into the packed buffer in place: the LSTM still runs on its views.
     assert loaded.rnn.weight_ih_l0.untyped_storage().data_ptr() == loaded.rnn.weight_hh_l0.untyped_storage().data_ptr()
+
+
+def test_resume_below_the_checkpoint_step_is_refused(reference, tmp_path):
+    config, _, _, _ = reference
+    out = _interrupted(config, tmp_path / "run", at=8)
+    shorter = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, max_steps=5))
+    with pytest.raises(CheckpointError, match="max_steps' is 5, but this checkpoint is at step 8"):
+        _train(shorter, out, resume=True)
+
+
+def test_neutral_fields_may_change_anywhere_and_new_fields_are_not_compared():
+    saved = {"teacher.lr": 0.001, "teacher.max_steps": 30, "reads.teacher": "/a"}
+    assert setting_changes(saved, {**saved, "teacher.max_steps": 60}, "teacher") == (
+        {"teacher.max_steps": [30, 60]}, None)
+    assert setting_changes(saved, {**saved, "teacher.new_field": 1}, "teacher") == ({}, None)
+    _, refused = setting_changes(saved, {**saved, "teacher.max_steps": 60}, "student")  # another stage's budget
+    assert "field 'teacher.max_steps' was 30" in refused
+    _, refused = setting_changes(saved, {**saved, "reads.teacher": "/b"}, "student")  # another teacher
+    assert "field 'reads.teacher' was '/a'" in refused
+    config = _config(load_config())
+    neutral = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, save_every=7, log_every=9,
+                                                                       log_with="tensorboard"),
+                                  data=dataclasses.replace(config.data, test="other.txt"))
+    assert output_settings(neutral, ["data", "teacher"]) == output_settings(config, ["data", "teacher"])
+
+
+def _pipeline_interrupted_at(config, run_dir: Path, at: int, monkeypatch) -> None:
+    """Run the pipeline until SIGINT at the ``at``-th loss call of the stage it trains."""
+    build = stages.build
+
+    def interrupting(name, run_config, **dirs):
+        stage = build(name, run_config, **dirs)
+        _interrupt_at_call(stage, at)
+        return stage
+
+    monkeypatch.setattr(stages, "build", interrupting)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            run_stages(config, run_dir, progress=False)
+    finally:
+        monkeypatch.setattr(stages, "build", build)
+
+
+def test_pipeline_resumes_across_neutral_changes_and_retrains_on_others(reference, tmp_path, capsys, monkeypatch):
+    config, _, _, _ = reference
+    config = dataclasses.replace(config, methods=["explicit"])
+    run_dir = tmp_path / "pipe"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, run_dir / "teacher", interrupt_at=5)
+    other_lr = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, lr=1e-3))
+    _pipeline_interrupted_at(other_lr, run_dir, 4, monkeypatch)  # interrupted again: a checkpoint for the next case
+    out = capsys.readouterr().out
+    assert "not resuming its checkpoint (field 'teacher.lr' was 0.003" in out and "training afresh" in out
+    assert _checkpoint_step(run_dir / "teacher") == 4  # started afresh, not at 5 + 4
+    louder = dataclasses.replace(other_lr, teacher=dataclasses.replace(other_lr.teacher, log_every=2))
+    run_stages(louder, run_dir, progress=False)
+    assert "(resuming from its checkpoint)" in capsys.readouterr().out
+    assert read_meta(run_dir / "teacher")["steps"] == config.teacher.max_steps

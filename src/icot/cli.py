@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from icot.errors import IcotInputError, TrainingInterrupted
 
-STAGES = ("teacher", "nocot", "student", "emulator", "couple", "stepwise")
+STAGES = ("teacher", "nocot", "student", "emulator", "couple", "stepwise")  # icot.training.stages.ORDER (tested)
+COUNT, SEED = 200, 12345  # icot eval --sizes: problems per size and their seed
 
 
 def _data_mult(args: argparse.Namespace) -> None:
@@ -51,8 +52,8 @@ def _data_check(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         bad += len(problems)
-        print(f"{path}: {lines} lines, {len(problems)} whose COT or ANSWER does not follow from the INPUT",
-              file=sys.stderr)
+        print(f"{path}: {lines} lines, {len(problems)} bad (malformed, not a multiplication, or a COT or ANSWER "
+              "that does not follow from the INPUT)", file=sys.stderr)
     return 2 if bad else 0
 
 
@@ -106,11 +107,20 @@ def _eval(args: argparse.Namespace) -> None:
     from icot.devices import decode_device
     from icot.evaluation import check_inputs, evaluate, evaluate_sizes, load_predictor, write_json
 
-    sizes = parse_sizes(args.sizes) if args.sizes else None  # before loading a model: a typo fails at once
+    sizes = None
+    if args.sizes is not None:  # before loading a model: a typo fails at once
+        try:
+            sizes = parse_sizes(args.sizes)
+        except IcotInputError as e:
+            raise IcotInputError(f"--sizes: {e.problem}") from None
+        if args.limit:
+            raise IcotInputError("--limit applies to --data; with --sizes, --count sets the problems per size")
+    elif args.count != COUNT or args.seed != SEED or args.exclude:
+        raise IcotInputError("--count, --seed and --exclude apply to --sizes, not to --data")
     predictor = load_predictor(args.model, max_new_tokens=args.max_new_tokens, device=args.device,
                                dtype=args.dtype)
     head = {"model": args.model, "device": str(decode_device(args.device)), "dtype": args.dtype}
-    if sizes:
+    if sizes is not None:
         rows = evaluate_sizes(predictor, sizes, args.count, args.seed, args.batch_size, args.exclude or [])
         result = {**head, "count": args.count, "seed": args.seed, "exclude": args.exclude or [], "by_size": rows}
         for row in rows:
@@ -220,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", help="data file (INPUT||COT #### ANSWER); the CoT is not shown to the model")
     what.add_argument("--sizes", help="instead of --data: generated multiplication problems of these operand sizes, "
                                       "e.g. 3x3,3x4,4x5 (out of distribution for a model trained on another size)")
-    ev.add_argument("--count", type=_int_at_least(1), default=200, help="problems per size (--sizes; default 200)")
-    ev.add_argument("--seed", type=_int_at_least(0), default=12345, help="seed of the generated problems (--sizes)")
+    ev.add_argument("--count", type=_int_at_least(1), default=COUNT, help=f"problems per size (--sizes; default {COUNT})")
+    ev.add_argument("--seed", type=_int_at_least(0), default=SEED, help="seed of the generated problems (--sizes)")
     ev.add_argument("--exclude", action="append",
                     help="data file whose INPUTs the generated problems avoid, e.g. the training file (--sizes; repeatable)")
     ev.add_argument("--batch-size", type=_int_at_least(1), default=1, help="examples decoded together (1: the papers')")

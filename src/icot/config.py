@@ -8,6 +8,7 @@ One :class:`IcotConfig` describes a whole run; each stage reads the sections it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -380,6 +381,30 @@ class IcotConfig:
         """The named sections as a dict, used to decide whether a stage's output is up to date."""
         return {n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(getattr(self, n))
                 else getattr(self, n) for n in names}
+
+
+# Fields that never change what a stage produces: how often it logs and saves, where its numbers are also
+# sent, and the test file (read by the final evaluation only). Whether a finished stage is up to date and
+# whether a checkpoint belongs to this run are decided on everything else (:func:`output_settings`).
+NEUTRAL_FIELDS = ("save_every", "log_every", "log_with")
+NEUTRAL_DATA = ("test",)
+
+
+def output_settings(config: IcotConfig, sections: Sequence[str]) -> dict[str, Any]:
+    """``{"section.field": value}`` of ``sections`` that can change a stage's output, as JSON gives them
+    back (tuples as lists), with the training and validation files as absolute paths."""
+    flat: dict[str, Any] = {}
+    for name, values in config.section(*sections).items():
+        if not isinstance(values, dict):
+            flat[name] = values
+            continue
+        for key, value in values.items():
+            if key in NEUTRAL_FIELDS or (name == "data" and key in NEUTRAL_DATA):
+                continue
+            if name == "data" and key in ("train", "valid") and value:
+                value = str(Path(value).resolve())
+            flat[f"{name}.{key}"] = value
+    return json.loads(json.dumps(flat))
 
 
 # ---------------------------------------------------------------------------------------------

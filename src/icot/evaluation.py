@@ -161,7 +161,8 @@ def evaluate_sizes(predictor: Predictor, sizes: Sequence[tuple[int, int]], count
 
     Each size gets ``count`` distinct generated lines (``seed``; the INPUTs of ``exclude`` files never
     appear, so the trained size can be scored on unseen problems). A size whose prompts do not fit the
-    model's context is reported with its ``error`` instead of an accuracy.
+    model's context, or that has fewer than ``count`` distinct problems left, is reported with its
+    ``error`` instead of an accuracy.
 
     Returns:
         One row per size: ``{"size": "NxM", "digits_a", "digits_b", "n", "accuracy", "correct",
@@ -170,12 +171,15 @@ def evaluate_sizes(predictor: Predictor, sizes: Sequence[tuple[int, int]], count
     excluded = [text for path in exclude for text in read_inputs(path)]
     rows = []
     for a, b in sizes:
-        examples = [parse_line(line) for line in generate_examples(a, b, count, seed, excluded)]
         row = {"size": f"{a}x{b}", "digits_a": a, "digits_b": b}
-        try:
+        try:  # too few distinct problems of this size (1x1 has 81), or prompts the context cannot hold
+            examples = [parse_line(line) for line in generate_examples(a, b, count, seed, excluded)]
             check_inputs(predictor, [ex.input for ex in examples], f"<{a}x{b} problems>")
         except DataFormatError as e:
             rows.append({**row, "error": e.problem})
+            continue
+        except ValueError as e:
+            rows.append({**row, "error": str(e)})
             continue
         result = evaluate(predictor, examples, batch_size=batch_size, progress=progress)
         rows.append({**row, **{k: result[k] for k in ("n", "accuracy", "correct", "examples_per_second", "batch_size")}})

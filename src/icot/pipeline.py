@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
-from icot.config import IcotConfig, load_config, parse_sizes
+from icot.config import IcotConfig, load_config, output_settings, parse_sizes
 from icot.data import read_examples
 from icot.data.multiplication import write_training_file
 from icot.devices import decode_device, process_state
 from icot.errors import ConfigError
 from icot.evaluation import check_inputs, check_prompts, evaluate, evaluate_sizes, load_predictor
-from icot.rundir import can_resume, stage_is_done
+from icot.rundir import can_resume, read_meta, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
 from icot.training.causal_lm import load_split, starting_tokenizer
+from icot.training.loop import checkpoint_refusal
 
 # Method -> (row name, the stage whose model answers).
 METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teacher"), "icot-kd": ("icot-kd", "couple"),
@@ -76,29 +77,21 @@ def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
     return dataclasses.replace(config, data=data)
 
 
-# Training fields that change how a stage runs, not what it produces.
-OPERATIONAL = ("save_every",)
-
-
 def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
     # Read through load_config: a saved field that is unknown or out of range is a one-line error naming
     # the file, and fields added since the stage ran compare at their defaults.
-    saved = load_config(stage_dir / "config.yaml").section(*sections)
-    current = config.section(*sections)
-
-    def results_part(section: Any) -> Any:
-        return {k: v for k, v in section.items() if k not in OPERATIONAL} if isinstance(section, dict) else section
-
-    return all(results_part(saved[k]) == results_part(v) for k, v in current.items())
+    saved = load_config(stage_dir / "config.yaml")
+    return output_settings(saved, sections) == output_settings(config, sections)
 
 
 def check_data(config: IcotConfig) -> None:
     """Read and tokenize every file the run uses before the first stage trains, so that an unreadable,
     malformed or out-of-vocabulary line is found in seconds rather than after the stages.
 
-    Train and valid lines are parsed (``INPUT||COT #### ANSWER``), valid lines and test inputs tokenized
-    with the vocabulary the first stage will have (built from the training file, or the pretrained
-    model's), and test prompts checked against a from-scratch model's context (``model.n_positions``).
+    Train, valid and test lines are parsed (``INPUT||COT #### ANSWER``); valid lines and test inputs are
+    tokenized with the vocabulary built from the training file (or the pretrained model's; a stage that
+    starts from ``init_from`` checks against its own when it is built), and test prompts checked against
+    a from-scratch model's context (``model.n_positions``).
 
     Raises:
         DataFormatError: naming the file and the 1-based line of the first bad line.
@@ -119,12 +112,18 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
         out = Path(dirs[name])
         depends = stages.depends(name, config)
         if stage_is_done(out) and _same_config(out, config, depends):
-            meta = json.loads((out / "icot.json").read_text())
-            report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best")}}
+            meta = read_meta(out)
+            report[name] = {"skipped": True, **{k: meta.get(k) for k in ("seconds", "steps", "examples", "best",
+                                                                          "stopped_by")}}
             print(f"[icot] stage {name}: already done in {out}, skipped")
             continue
-        # An interrupted run continues from its checkpoint, which refuses settings it cannot take on.
+        # An interrupted run continues from its checkpoint unless the config changed in a way it cannot
+        # take on: like a finished stage of another config, it is then trained afresh, and says why.
         resume = can_resume(out)
+        refusal = checkpoint_refusal(out, stages.settings(name, config, **dirs), name) if resume else None
+        if refusal:
+            print(f"[icot] stage {name}: not resuming its checkpoint ({refusal}); training afresh")
+            resume = False
         print(f"[icot] stage {name} -> {out}" + (" (resuming from its checkpoint)" if resume else ""))
         result = stages.run(name, config, out, progress=progress, resume=resume,
                             **{need: dirs[need] for need in stages.needs(name, config)})
@@ -193,11 +192,10 @@ def _kept(best: dict[str, Any]) -> str:
     if not best:
         return "-"
     parts = []
-    if "accuracy" in best:
-        parts.append(f"exact match {100 * best['accuracy']:.1f}%" + (f" of {best['exact_examples']:.0f} lines"
-                                                                     if "exact_examples" in best else ""))
+    if "exact_examples" in best:  # the emulator decodes nothing: its accuracy is a placeholder
+        parts.append(f"exact match {100 * best['accuracy']:.1f}% of {best['exact_examples']:.0f} lines")
     if "loss" in best:
-        parts.append(f"answer loss {best['loss']:.4g}" + (f" on {best['examples']:.0f} lines" if "examples" in best else ""))
+        parts.append(f"validation loss {best['loss']:.4g}" + (f" on {best['examples']:.0f} lines" if "examples" in best else ""))
     if "step" in best:
         parts.append(f"step {best['step']}")
     return ", ".join(parts)

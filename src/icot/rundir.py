@@ -2,8 +2,8 @@
 
 A *model directory* holds ``icot.json`` (``{"kind": ...}``) beside the weights; a *stage directory* (what
 a training stage writes) holds ``icot.json`` with ``"kind": "stage"``, its ``best/`` model directory, and,
-while unfinished, ``checkpoint/``. Everything above this module (models, training, evaluation, the CLI)
-reads and writes them through these functions only.
+while unfinished, ``checkpoint/``. Models, evaluation, training, the pipeline and the CLI find and mark
+them with these functions.
 """
 
 from __future__ import annotations

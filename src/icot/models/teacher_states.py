@@ -158,7 +158,7 @@ def gather_teacher_states(hidden_states: Sequence[torch.Tensor], layers: torch.T
     device = hidden_states[0].device
     positions = positions.to(device)
     if positions.shape[0] != B:
-        raise ValueError(f"s1 has {positions.shape[0]} rows but the hidden states have a batch of {B}")
+        raise ValueError(f"the positions have {positions.shape[0]} rows but the hidden states a batch of {B}")
     if positions.numel() and int(positions.max()) >= T:
         raise ValueError(f"teacher position {int(positions.max())} is outside the sequence of length {T}")
     rows = torch.arange(B, device=device)  # (B,)

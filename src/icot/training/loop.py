@@ -28,8 +28,9 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,19 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    TorchDynamoPlugin,
+    is_mlflow_available,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
-from icot.config import IcotConfig, TrainConfig, save_config
+from icot.config import IcotConfig, TrainConfig, output_settings, save_config
 from icot.errors import CheckpointError, ConfigError, TrainingInterrupted
 from icot.progress import progress_bar
 from icot.rundir import (
@@ -58,10 +67,11 @@ from icot.training.distributed import mean_across
 from icot.training.resume import load_module_state, load_training_state, read_trainer_state, save_checkpoint
 from icot.training.signals import StopSignals
 
-# A resumed run may change these fields of its own section: how long it trains and how often it reports,
-# not what a step computes. Any other change in the sections the stage depends on is refused.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "eval_examples", "eval_batch_size", "log_every",
-             "save_every")
+# A resumed run may change these fields of its own section: how long it trains and how often it validates,
+# not what a step computes. The neutral fields (config.NEUTRAL_FIELDS: logging, saving, trackers) may change
+# anywhere; any other change in the sections the stage depends on, or in the stage directories it reads,
+# is refused.
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "eval_examples", "eval_batch_size")
 
 
 class Stage:
@@ -147,7 +157,7 @@ class _Logger:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self.lines += 1
-        if self.tracker is not None:  # a collective no-op on the other processes
+        if self.tracker is not None:  # Accelerator.log writes on the main process only
             numbers = {f"{record['event']}/{k}": v for k, v in record.items()
                        if k not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
             if numbers:
@@ -196,17 +206,21 @@ def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
     if shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision or last_dynamo != dynamo.backend:
         AcceleratorState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
-    try:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                                  kwargs_handlers=[ddp], dynamo_plugin=dynamo, log_with=cfg.log_with or None,
-                                  project_dir=str(out_dir / "tracking") if cfg.log_with else None)
-    except (ValueError, ImportError) as e:  # a tracker whose package is not installed
-        raise ConfigError(f"field '{stage.name}.log_with': {cfg.log_with}: {e}") from None
+    if cfg.log_with and not _tracker_available(cfg.log_with):
+        raise ConfigError(f"field '{stage.name}.log_with': {cfg.log_with} is not installed (pip install {cfg.log_with})")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              kwargs_handlers=[ddp], dynamo_plugin=dynamo, log_with=cfg.log_with or None,
+                              project_dir=str(out_dir / "tracking") if cfg.log_with else None)
     if accelerator.distributed_type in SHARDED:
         raise ConfigError(f"field 'distributed_type' of the accelerate config is "
                           f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP only (every model of the "
                           "papers fits one device); use 'accelerate launch --multi_gpu'")
     return accelerator
+
+
+def _tracker_available(name: str) -> bool:
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+            "mlflow": is_mlflow_available}[name]()
 
 
 def _micro_batch(stage: Stage, cfg: TrainConfig, processes: int) -> int:
@@ -226,22 +240,51 @@ def train_fingerprint(items: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
-def flat_sections(config: IcotConfig, sections: Sequence[str]) -> dict[str, Any]:
-    """``{"section.field": value}`` of ``sections``, as JSON gives them back (tuples as lists)."""
-    flat = {}
-    for name, values in config.section(*sections).items():
-        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
-            flat[f"{name}.{key}" if key else name] = value
-    return json.loads(json.dumps(flat))
+def run_settings(run_config: IcotConfig, depends: Sequence[str], reads: Mapping[str, str]) -> dict[str, Any]:
+    """What makes a checkpoint this run's: the output settings of the sections the stage depends on
+    (:func:`icot.config.output_settings`) and the stage directories it reads, as absolute paths."""
+    return {**output_settings(run_config, depends),
+            **{f"reads.{name}": str(Path(path).resolve()) for name, path in sorted(reads.items())}}
+
+
+def setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any], stage: str
+                    ) -> tuple[dict[str, list[Any]], str | None]:
+    """``({field: [checkpoint's, now]}, the first change a resume cannot take on, or None)``.
+
+    Fields the checkpoint does not know (added to icot since) are not compared.
+    """
+    changed = {k: [saved[k], now[k]] for k in sorted(now) if k in saved and saved[k] != now[k]}
+    allowed = {f"{stage}.{name}" for name in RESUMABLE}
+    for key, (before, current) in changed.items():
+        if key not in allowed:
+            return changed, (f"field '{key}' was {before!r} when this checkpoint was written and is {current!r} "
+                             f"now; a resumed run keeps its settings (only {stage}.{{{','.join(RESUMABLE)}}} may "
+                             "change)")
+    return changed, None
+
+
+def checkpoint_refusal(out_dir: str | Path, settings: Mapping[str, Any], stage: str) -> str | None:
+    """Why the checkpoint in ``out_dir`` cannot be resumed with ``settings`` (None: it can, or there is none
+    to read); the pipeline trains such a stage afresh, ``icot train --resume`` refuses."""
+    path = checkpoint_dir(out_dir)
+    if path is None:
+        return None
+    try:
+        saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: resuming reports it with the file named
+    if not isinstance(saved, dict):
+        return "the checkpoint was written by an older icot (no field 'settings')"
+    return setting_changes(saved, settings, stage)[1]
 
 
 class _Trainer:
     """One run of :func:`train_stage`; its methods are the phases of the loop."""
 
     def __init__(self, stage: Stage, cfg: TrainConfig, out_dir: Path, run_config: IcotConfig, progress: bool,
-                 depends: Sequence[str]):
+                 settings: dict[str, Any]):
         self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, out_dir, run_config
-        self.settings = flat_sections(run_config, depends)
+        self.settings = settings
         self.accelerator = _accelerator(stage, cfg, out_dir)
         self.main = self.accelerator.is_main_process
         set_seed(cfg.seed)
@@ -249,11 +292,20 @@ class _Trainer:
         self.log = _Logger(out_dir / "metrics.jsonl", self.main, self.accelerator if cfg.log_with else None)
         self.position = _Position()
         self.progress = progress
-        self.identity = {"stage": stage.name, "num_processes": self.accelerator.num_processes,
-                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                         "train_examples": len(stage.train_items), "train_sha256": train_fingerprint(stage.train_items)}
+        self._identity: dict[str, Any] | None = None
         self.done, self.at_boundary, self.extra, self.changed = False, True, {}, {}
         self.stopped_by = ""  # which budget ended the run: max_steps, epochs or max_minutes
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint shares with the run that resumes it (computed at the first save or resume:
+        hashing 808k training items takes seconds)."""
+        if self._identity is None:
+            self._identity = {"stage": self.stage.name, "num_processes": self.accelerator.num_processes,
+                              "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                              "seed": self.cfg.seed, "train_examples": len(self.stage.train_items),
+                              "train_sha256": train_fingerprint(self.stage.train_items)}
+        return self._identity
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -271,21 +323,16 @@ class _Trainer:
         return path, state
 
     def _setting_changes(self, path: Path, state: dict[str, Any]) -> dict[str, list[Any]]:
-        """``{field: [checkpoint's, now]}`` of the settings this resumed run changes; refuses any change
-        outside the stage's own ``RESUMABLE`` fields, naming the field."""
-        saved = state.get("settings")
-        if not isinstance(saved, dict):
-            raise CheckpointError("field 'settings' is missing (a checkpoint of an older icot): train afresh",
-                                  path / STATE_FILE)
-        changed = {k: [saved.get(k), self.settings.get(k)] for k in sorted(self.settings)
-                   if saved.get(k) != self.settings.get(k)}
-        allowed = {f"{self.stage.name}.{name}" for name in RESUMABLE}
-        for key, (before, now) in changed.items():
-            if key not in allowed:
-                raise CheckpointError(f"field '{key}' was {before!r} when this checkpoint was written and is "
-                                      f"{now!r} now; a resumed run keeps its settings (only "
-                                      f"{self.stage.name}.{{{','.join(RESUMABLE)}}} may change): resume with "
-                                      f"{before!r}, or train afresh (--overwrite, or delete the directory)", path / STATE_FILE)
+        """``{field: [checkpoint's, now]}`` of the settings this resumed run changes; refuses any change it
+        cannot take on (:func:`setting_changes`), naming the field, and a budget the checkpoint is past."""
+        changed, refused = setting_changes(state["settings"], self.settings, self.stage.name)
+        if refused:
+            raise CheckpointError(f"{refused}: resume with the checkpoint's value, or train afresh (icot train "
+                                  "--overwrite; icot pipeline does so by itself)", path / STATE_FILE)
+        step = state["position"].get("step", 0)
+        if self.cfg.max_steps and step > self.cfg.max_steps:
+            raise CheckpointError(f"field '{self.stage.name}.max_steps' is {self.cfg.max_steps}, but this checkpoint "
+                                  f"is at step {step}: give at least {step}", path / STATE_FILE)
         return changed
 
     def _prepare_directory(self, state: dict[str, Any] | None) -> None:
@@ -297,6 +344,7 @@ class _Trainer:
         save_config(self.run_config, self.out_dir / "config.yaml")
         if state is None:
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tracking", ignore_errors=True)  # a tracker mirrors this run only
             remove_checkpoints(self.out_dir)  # a stale one must never be resumed into this run
         else:
             self.log.truncate(state["position"]["metrics_lines"])
@@ -340,6 +388,14 @@ class _Trainer:
     def run(self, resume: bool) -> dict[str, Any]:
         path, state = self._checkpoint_state() if resume else (None, None)
         self._prepare_directory(state)
+        try:
+            return self._run(path, state)
+        finally:
+            # Trackers only: Accelerator.end_training would also end the process group that later stages use.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
+    def _run(self, path: Path | None, state: dict[str, Any] | None) -> dict[str, Any]:
         if self.cfg.log_with:  # trackers take scalars: lists and None as text
             self.accelerator.init_trackers(self.stage.name, config={
                 k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.settings.items()})
@@ -361,8 +417,6 @@ class _Trainer:
                 self._validate_and_keep()
         finally:
             self.bar.close()
-            if self.cfg.log_with:
-                self.accelerator.end_training()
         return self._finish()
 
     def _epoch(self, stop: StopSignals) -> None:
@@ -493,7 +547,8 @@ class _Trainer:
 
 
 def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config: IcotConfig,
-                progress: bool = True, resume: bool = False, depends: Sequence[str] | None = None) -> dict[str, Any]:
+                progress: bool = True, resume: bool = False, depends: Sequence[str] | None = None,
+                reads: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Train ``stage`` with ``cfg`` and keep its best validated model in ``out_dir/best``.
 
     Args:
@@ -506,6 +561,7 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
             equals an uninterrupted run's to float tolerance).
         depends: the config sections the stage's output depends on (``icot.training.stages.depends``; all
             sections by default); a resumed run may change only its own ``RESUMABLE`` fields of them.
+        reads: the stage directories the stage reads (``{"teacher": DIR}``); a resumed run must read the same.
 
     Returns:
         ``{"steps", "examples", "seconds", "best": metrics of the kept model, "stopped_by": "max_steps" |
@@ -516,4 +572,5 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
         CheckpointError: when ``resume`` finds no checkpoint or one that does not fit.
     """
     sections = depends if depends is not None else [f.name for f in dataclasses.fields(run_config)]
-    return _Trainer(stage, cfg, Path(out_dir), run_config, progress, sections).run(resume)
+    settings = run_settings(run_config, sections, reads or {})
+    return _Trainer(stage, cfg, Path(out_dir), run_config, progress, settings).run(resume)

@@ -9,7 +9,9 @@ killed while saving keeps the previous checkpoint. It holds::
                            order generator's state at the start of the current epoch
     trainer_state.json     position (step, epoch, micro-batches consumed), counters, best metrics,
                            elapsed time, metrics.jsonl length, optimizer param groups, scheduler,
-                           gradient scaler, and what must not change on resume (batch, seed, processes)
+                           gradient scaler, and what must not change on resume (``MUST_MATCH``: batch,
+                           seed, processes, the training data's SHA-256; ``settings``: the config and
+                           input directories, see ``icot.training.loop.setting_changes``)
 
 Nothing here executes code from a file: tensors come from safetensors, everything else from JSON.
 """
@@ -35,7 +37,7 @@ from icot.rundir import CHECKPOINT, STATE_FILE, save_atomically
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: trainer_state.json holds "settings" and "train_sha256"
 # Fields a resumed run must share with the checkpoint: they fix the data order and what one step is.
 MUST_MATCH = ("stage", "num_processes", "batch_size", "grad_accum", "seed", "train_examples", "train_sha256")
 
@@ -151,9 +153,12 @@ def read_trainer_state(path: Path, expected: Mapping[str, Any]) -> dict[str, Any
         state = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"unreadable trainer state: {e}", file) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"field 'format' must be {FORMAT}", file)
-    for field in ("position", "optimizer", "scheduler"):
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
+        raise CheckpointError("field 'format' is missing: not a trainer state", file)
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"field 'format' is {state['format']}, this icot reads {FORMAT}: the checkpoint was "
+                              "written by another version; train afresh", file)
+    for field in ("position", "optimizer", "scheduler", "settings"):
         if not isinstance(state.get(field), dict):
             raise CheckpointError(f"field '{field}' is missing or not a mapping", file)
     for field in MUST_MATCH:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from icot.config import IcotConfig
 from icot.errors import ConfigError
 from icot.training import couple, emulator, nocot, stepwise, student, teacher
-from icot.training.loop import Stage, train_stage
+from icot.training.loop import Stage, run_settings, train_stage
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,19 @@ def build(name: str, config: IcotConfig, **dirs: str) -> Stage:
     return entry.build(config, *[dirs.get(n, "") for n in wanted])
 
 
+def reads(name: str, config: IcotConfig, **dirs: str) -> dict[str, str]:
+    """The stage directories stage ``name`` reads, of ``dirs`` (``teacher=DIR``, ...)."""
+    return {n: dirs[n] for n in needs(name, config) if dirs.get(n)}
+
+
+def settings(name: str, config: IcotConfig, **dirs: str) -> dict[str, Any]:
+    """What makes a checkpoint of stage ``name`` this run's (:func:`icot.training.loop.run_settings`)."""
+    return run_settings(config, depends(name, config), reads(name, config, **dirs))
+
+
 def run(name: str, config: IcotConfig, out_dir: str | Path, progress: bool = True, resume: bool = False,
         **dirs: str) -> dict[str, Any]:
     """Build and train stage ``name``; its output goes to ``out_dir`` (``resume``: from its checkpoint)."""
     stage = build(name, config, **dirs)
     return train_stage(stage, getattr(config, name), out_dir, config, progress=progress, resume=resume,
-                       depends=depends(name, config))
+                       depends=depends(name, config), reads=reads(name, config, **dirs))
