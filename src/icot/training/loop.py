@@ -200,7 +200,8 @@ def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
     dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.compile else TorchDynamoPlugin()
     # Accelerate keeps one mixed precision and one dynamo setting per process (the first Accelerator's),
     # but the stages of one pipeline may each set their own: forget the last stage's (the process group
-    # and device stay).
+    # and device stay). Accelerate has no public call for this; transformers' TrainingArguments uses the
+    # same private one.
     shared = AcceleratorState._shared_state
     last_dynamo = getattr(shared.get("dynamo_plugin"), "backend", dynamo.backend)
     if shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision or last_dynamo != dynamo.backend:
