@@ -150,6 +150,28 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"answer: {pred.answer}" if len(args.inputs) == 1 else f"{text} => {pred.answer}")
 
 
+def _probe(args: argparse.Namespace) -> None:
+    from icot.data import read_examples
+    from icot.evaluation import LMPredictor, load_predictor, write_json
+    from icot.probe import plot_r2, probe_model
+
+    predictor = load_predictor(args.model, device=args.device)
+    if not isinstance(predictor, LMPredictor):
+        raise IcotInputError("icot probe reads plain causal LMs (teacher, no-CoT, stepwise); an implicit "
+                             "(ICoT-KD) model is not supported yet", args.model)
+    train = read_examples(args.train)[: args.train_lines]
+    test = read_examples(args.test, allow_empty_cot=True)[: args.test_lines]
+    try:
+        result = {"model": args.model, **probe_model(predictor, train, test, args.ridge)}
+    except ValueError as e:  # not multiplication, or sizes mixed
+        raise IcotInputError(f"{e}", args.train) from None
+    write_json(result, args.json)
+    for layer, row in enumerate(result["r2"]):
+        print(f"layer {layer}: " + " ".join(f"{v:5.2f}" for v in row), file=sys.stderr)
+    if args.plot:
+        plot_r2(result, args.plot, f"{args.model}: R² of the running sums")
+
+
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
     from icot.config import load_config
     from icot.pipeline import run_pipeline
@@ -246,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
     _decode_flags(pr)
 
+    probe = sub.add_parser("probe", help="linear probes of the multiplication's running sums in every layer")
+    probe.add_argument("--model", required=True, help="teacher, no-CoT or stepwise model or stage directory")
+    probe.add_argument("--train", required=True, help="multiplication lines to fit the probes on")
+    probe.add_argument("--test", required=True, help="held-out multiplication lines to score them on")
+    probe.add_argument("--train-lines", type=_int_at_least(2), default=4000, help="lines of --train used (default 4000)")
+    probe.add_argument("--test-lines", type=_int_at_least(2), default=1000, help="lines of --test used (default 1000)")
+    probe.add_argument("--ridge", type=float, default=1.0, help="ridge penalty on standardized features")
+    probe.add_argument("--json", required=True, help="where to write R² per layer and answer digit")
+    probe.add_argument("--plot", help="also draw the R² heatmap here (PNG)")
+    probe.add_argument("--device", default="auto", help="where to run the model: auto, cpu, cuda, ...")
+
     pipe = sub.add_parser("pipeline", help="train the stages the config's methods need, then evaluate them",
                           description="Train what the config's methods (nocot, explicit, icot-kd, icot-si) need "
                                       "into OUT, evaluate every method on data.test, and write results.json, "
@@ -276,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _eval(args)
         elif args.command == "predict":
             _predict(args)
+        elif args.command == "probe":
+            _probe(args)
         else:
             _pipeline(args, extra)
     except (IcotInputError, OSError) as e:  # OSError: a missing, unreadable or unwritable path
