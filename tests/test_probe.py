@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from icot import probe
@@ -52,7 +53,7 @@ def test_answer_states_are_the_states_that_predict_each_answer_digit(trained_noc
     with torch.no_grad():
         hidden = predictor.model(input_ids=torch.tensor([it.ids]), output_hidden_states=True).hidden_states
     for k in range(4):
-        assert torch.allclose(states[1, :, k], torch.stack([h[0, it.answer_start - 1 + k] for h in hidden]).double(),
+        assert torch.allclose(states[1, :, k], torch.stack([h[0, it.answer_start - 1 + k] for h in hidden]),
                               atol=1e-5)
     predictor.position_shift = 5  # a keep_position model's states come from its shifted positions
     shifted = answer_states(predictor, items[1:2], digits=4)
@@ -60,7 +61,7 @@ def test_answer_states_are_the_states_that_predict_each_answer_digit(trained_noc
         positions = shifted_positions(len(it.ids), torch.tensor([it.s1]), 5)
         moved = predictor.model(input_ids=torch.tensor([it.ids]), position_ids=positions,
                                 output_hidden_states=True).hidden_states
-    assert torch.allclose(shifted[0, -1, 0], moved[-1][0, it.answer_start - 1].double(), atol=1e-5)
+    assert torch.allclose(shifted[0, -1, 0], moved[-1][0, it.answer_start - 1], atol=1e-5)
     assert not torch.allclose(shifted[0, -1, 0], states[1, -1, 0])
 
 
@@ -97,3 +98,26 @@ def test_cli_probe_writes_r2_per_layer_and_digit(trained_nocot, session_config, 
     assert main(["probe", "--model", str(trained_nocot), "--train", str(gsm), "--test", str(gsm),
                  "--json", str(out)]) == 2
     assert "multiplication" in capsys.readouterr().err
+
+
+def test_cli_probe_refuses_what_would_give_wrong_numbers(trained_nocot, session_config, tmp_path, capsys):
+    base = ["probe", "--model", str(trained_nocot), "--json", str(tmp_path / "p.json")]
+    other_size = tmp_path / "3x2.txt"
+    other_size.write_text("\n".join(make_example(100 + i, 10 + i, 3, 2) for i in range(5)) + "\n", encoding="utf-8")
+    mixed = tmp_path / "mixed.txt"
+    lines = [make_example(10 + i, 10 + i, 2, 2) for i in range(3)] + [make_example(123, 45, 3, 2)]
+    mixed.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    one = tmp_path / "one.txt"
+    one.write_text(make_example(12, 34, 2, 2) + "\n", encoding="utf-8")
+    cases = [
+        (["--train", session_config.data.train, "--test", str(other_size)], f"{other_size}: the test problems are 3x2"),
+        (["--train", str(mixed), "--test", session_config.data.valid], f"{mixed}:4: a 3x2 problem among 2x2 ones"),
+        (["--train", str(one), "--test", session_config.data.valid], f"{one}: 1 problem(s)"),
+    ]
+    for flags, expected in cases:
+        capsys.readouterr()
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"icot: error: {expected}") and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit):  # a ridge of 0 is singular at layer 0
+        main(base + ["--train", session_config.data.train, "--test", session_config.data.valid, "--ridge", "0"])

@@ -159,12 +159,11 @@ def _probe(args: argparse.Namespace) -> None:
     if not isinstance(predictor, LMPredictor):
         raise IcotInputError("icot probe reads plain causal LMs (teacher, no-CoT, stepwise); an implicit "
                              "(ICoT-KD) model is not supported yet", args.model)
+    # A teacher is probed teacher-forced on the reference CoT, which its test lines must then have.
     train = read_examples(args.train)[: args.train_lines]
-    test = read_examples(args.test, allow_empty_cot=True)[: args.test_lines]
-    try:
-        result = {"model": args.model, **probe_model(predictor, train, test, args.ridge)}
-    except ValueError as e:  # not multiplication, or sizes mixed
-        raise IcotInputError(f"{e}", args.train) from None
+    test = read_examples(args.test, allow_empty_cot=not predictor.with_cot)[: args.test_lines]
+    result = {"model": args.model, "train_file": args.train, "test_file": args.test,
+              **probe_model(predictor, train, test, args.ridge, args.train, args.test)}
     write_json(result, args.json)
     for layer, row in enumerate(result["r2"]):
         print(f"layer {layer}: " + " ".join(f"{v:5.2f}" for v in row), file=sys.stderr)
@@ -192,6 +191,17 @@ def _int_at_least(low: int):
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0, refused with one line otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _decode_flags(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--test", required=True, help="held-out multiplication lines to score them on")
     probe.add_argument("--train-lines", type=_int_at_least(2), default=4000, help="lines of --train used (default 4000)")
     probe.add_argument("--test-lines", type=_int_at_least(2), default=1000, help="lines of --test used (default 1000)")
-    probe.add_argument("--ridge", type=float, default=1.0, help="ridge penalty on standardized features")
+    probe.add_argument("--ridge", type=_positive_float, default=1.0, help="ridge penalty on standardized features (> 0)")
     probe.add_argument("--json", required=True, help="where to write R² per layer and answer digit")
     probe.add_argument("--plot", help="also draw the R² heatmap here (PNG)")
     probe.add_argument("--device", default="auto", help="where to run the model: auto, cpu, cuda, ...")

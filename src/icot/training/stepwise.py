@@ -66,7 +66,7 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_
         remove: (B,) tokens to remove per row (clipped to the row's CoT length).
         pad_id: padding token id.
         keep_position: add ``position_ids`` (B, T) that move every position from ``s1`` on right by the
-            row's removal (:func:`icot.evaluation.shifted_positions`).
+            row's removal (:func:`icot.generation.shifted_positions`).
     """
     ids, mask, s1, s2 = batch["input_ids"], batch["attention_mask"], batch["s1"], batch["s2"]
     cot_len = s2 - s1 - 1  # (B,)
