@@ -15,6 +15,7 @@ from icot.config import load_config
 from icot.errors import DataFormatError
 from icot.pipeline import (
     check_data,
+    evaluate_methods,
     plot_by_size,
     plot_stepwise,
     results_markdown,
@@ -175,3 +176,17 @@ def test_results_markdown_and_plot_by_operand_size(tmp_path):
     assert "50 generated problems per size" in table
     plot_by_size(rows, tmp_path / "by_size.png", "3x3 multiplication")
     assert (tmp_path / "by_size.png").stat().st_size > 1000
+
+
+def test_evaluate_methods_scores_each_model_on_the_test_file_and_by_size(trained_teacher, trained_nocot,
+                                                                         session_config, tmp_path):
+    (tmp_path / "teacher").symlink_to(trained_teacher)
+    (tmp_path / "nocot").symlink_to(trained_nocot)
+    config = dataclasses.replace(session_config, methods=["nocot", "explicit"], eval=dataclasses.replace(
+        session_config.eval, batched_size=10, limit=10, sizes=["2x2", "40x40"], sizes_count=10))
+    rows, by_size = evaluate_methods(config, tmp_path, progress=False)
+    assert [r["method"] for r in rows] == ["no-cot", "no-cot-batched", "explicit-cot", "explicit-cot-batched"]
+    assert [(r["method"], r["size"]) for r in by_size] == [("no-cot", "2x2"), ("no-cot", "40x40"),
+                                                            ("explicit-cot", "2x2"), ("explicit-cot", "40x40")]
+    assert all(r["n"] == 10 and r["batch_size"] == 10 for r in by_size if r["size"] == "2x2")
+    assert all("no room to answer" in r["error"] for r in by_size if r["size"] == "40x40")

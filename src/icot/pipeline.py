@@ -26,7 +26,7 @@ from icot.data import read_examples
 from icot.data.multiplication import write_training_file
 from icot.devices import decode_device, process_state
 from icot.errors import ConfigError
-from icot.evaluation import check_inputs, check_prompts, evaluate, evaluate_sizes, load_predictor
+from icot.evaluation import Predictor, check_inputs, check_prompts, evaluate, evaluate_sizes, load_predictor
 from icot.rundir import can_resume, read_meta, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
@@ -131,39 +131,41 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
     return report
 
 
-def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per method at ``eval.batch_size`` (the papers' batch 1), plus batched rows."""
+def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(rows, by_size)``: one row per method at ``eval.batch_size`` (the papers' batch 1), plus batched
+    rows; and, with ``eval.sizes``, each method on generated problems of those sizes (none a training
+    INPUT) at the batched size. Each method's model is loaded once for both."""
     test = read_examples(config.data.test, allow_empty_cot=True)
-    rows = []
+    sizes = parse_sizes(config.eval.sizes) if config.eval.sizes else []
+    rows, by_size = [], []
     for method in config.methods:
         row_name, stage = METHOD_ROWS[method]
         predictor = load_predictor(str(run_dir / stages.spec(stage).directory), config.eval.max_new_tokens, config.eval.device,
                                    config.eval.dtype)
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
-        sizes = [(row_name, config.eval.batch_size)]
+        batch_sizes = [(row_name, config.eval.batch_size)]
         if config.eval.batched_size:
-            sizes.append((BATCHED_ROW[method], config.eval.batched_size))
-        for name, batch_size in sizes:
+            batch_sizes.append((BATCHED_ROW[method], config.eval.batched_size))
+        for name, batch_size in batch_sizes:
             r = evaluate(predictor, test, batch_size=batch_size, limit=config.eval.limit, progress=progress)
             rows.append({"method": name, **{k: r[k] for k in ("accuracy", "examples_per_second", "batch_size", "n")}})
             print(f"[icot] {name}: accuracy {r['accuracy']:.4f}, {r['examples_per_second']:.1f} examples/s "
                   f"at batch {batch_size}")
-    return rows
+        if sizes:
+            by_size += _by_size_rows(config, predictor, row_name, sizes, progress)
+    return rows, by_size
 
 
-def evaluate_by_size(config: IcotConfig, run_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
-    """Every method on generated problems of ``eval.sizes`` (none a training INPUT), at the batched size."""
+def _by_size_rows(config: IcotConfig, predictor: Predictor, row_name: str, sizes: list[tuple[int, int]],
+                  progress: bool) -> list[dict[str, Any]]:
+    """One method's rows of the by-size table, at the batched size."""
     rows = []
-    batch_size = config.eval.batched_size or config.eval.batch_size
-    for method in config.methods:
-        row_name, stage = METHOD_ROWS[method]
-        predictor = load_predictor(str(run_dir / stages.spec(stage).directory), config.eval.max_new_tokens,
-                                   config.eval.device, config.eval.dtype)
-        for r in evaluate_sizes(predictor, parse_sizes(config.eval.sizes), config.eval.sizes_count,
-                                config.eval.sizes_seed, batch_size, [config.data.train], progress):
-            rows.append({"method": row_name, **r})
-            shown = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else f"not scored ({r['error']})"
-            print(f"[icot] {row_name} on {r['size']}: {shown}")
+    for r in evaluate_sizes(predictor, sizes, config.eval.sizes_count, config.eval.sizes_seed,
+                            config.eval.batched_size or config.eval.batch_size, [config.data.train], progress):
+        rows.append({"method": row_name, **r})
+        shown = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else f"not scored ({r['error']})"
+        print(f"[icot] {row_name} on {r['size']}: {shown}")
     return rows
 
 
@@ -352,8 +354,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     if not state.is_main_process:
         return {}
     eval_start = time.monotonic()
-    rows = evaluate_methods(config, run_dir, progress)
-    by_size = evaluate_by_size(config, run_dir, progress) if config.eval.sizes else []
+    rows, by_size = evaluate_methods(config, run_dir, progress)
     eval_seconds = time.monotonic() - eval_start
     # wall_seconds is this invocation only; a resumed or partly reused run's cost is its stages' own
     # seconds (kept across resumes in each stage's checkpoint) plus this evaluation.

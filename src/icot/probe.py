@@ -20,7 +20,7 @@ from icot.data import Example
 from icot.data.multiplication import parse_input
 from icot.errors import DataFormatError
 from icot.evaluation import LMPredictor
-from icot.generation import shifted_positions
+from icot.generation import pad_right, shifted_positions
 from icot.tokenizer import Encoded
 
 
@@ -75,11 +75,8 @@ def answer_states(predictor: LMPredictor, items: Sequence[Encoded], digits: int,
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        width = max(len(it.ids) for it in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        for r, it in enumerate(chunk):  # building the batch, not the hot path
-            ids[r, :len(it.ids)] = torch.tensor(it.ids)
-        mask = (torch.arange(width)[None] < torch.tensor([len(it.ids) for it in chunk])[:, None]).long()
+        ids, mask = pad_right([it.ids for it in chunk], pad)  # (B, T)
+        width = ids.shape[1]
         s1 = torch.tensor([it.s1 for it in chunk])
         positions = shifted_positions(width, s1, predictor.position_shift) if predictor.position_shift else None
         hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,

@@ -13,7 +13,7 @@ from icot.config import IcotConfig, TrainConfig
 from icot.data import Example, read_examples
 from icot.errors import ConfigError
 from icot.evaluation import LMPredictor, evaluate
-from icot.generation import context_length, left_pad, shifted_positions
+from icot.generation import context_length, left_pad, pad_right, shifted_positions
 from icot.models.lm import build_gpt2, load_lm_dir, load_pretrained_lm, save_lm_dir
 from icot.rundir import model_path
 from icot.tokenizer import (
@@ -85,17 +85,6 @@ def check_fits(encoded: Sequence[Encoded], model: PreTrainedModel, path: str) ->
         if len(e.ids) > limit:
             raise ConfigError(f"line {i + 1} is {len(e.ids)} tokens long, more than the model's context of "
                               f"{limit} (field model.n_positions)", path)
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into ``(input_ids, attention_mask)``, both (B, T)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):  # batch assembly happens in the DataLoader, off the model's hot path
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def lm_batch(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
