@@ -12,7 +12,7 @@ import torch
 
 from icot.cli import main
 from icot.config import load_config
-from icot.errors import DataFormatError
+from icot.errors import ConfigError, DataFormatError, IcotInputError
 from icot.pipeline import (
     check_data,
     evaluate_methods,
@@ -190,3 +190,32 @@ def test_evaluate_methods_scores_each_model_on_the_test_file_and_by_size(trained
                                                             ("explicit-cot", "2x2"), ("explicit-cot", "40x40")]
     assert all(r["n"] == 10 and r["batch_size"] == 10 for r in by_size if r["size"] == "2x2")
     assert all("no room to answer" in r["error"] for r in by_size if r["size"] == "40x40")
+
+
+def test_saved_models_are_scored_beside_the_methods_under_their_own_names(trained_teacher, trained_nocot,
+                                                                          session_config, tmp_path):
+    (tmp_path / "nocot").symlink_to(trained_nocot)
+    config = dataclasses.replace(session_config, methods=["nocot"], eval=dataclasses.replace(
+        session_config.eval, batched_size=10, limit=10, saved_models=[str(trained_teacher)]))
+    rows, _ = evaluate_methods(config, tmp_path, progress=False)
+    assert [r["method"] for r in rows] == ["no-cot", "no-cot-batched", str(trained_teacher),
+                                           f"{trained_teacher} batched"]
+    # The saved teacher answers through its CoT, as the explicit method's row would.
+    (tmp_path / "teacher").symlink_to(trained_teacher)
+    explicit, _ = evaluate_methods(dataclasses.replace(config, methods=["explicit"], eval=dataclasses.replace(
+        config.eval, saved_models=[])), tmp_path, progress=False)
+    assert rows[2]["accuracy"] == explicit[0]["accuracy"] and rows[2]["n"] == 10
+
+
+def test_pipeline_checks_saved_models_before_the_first_stage(tiny_config, tmp_path):
+    missing = tmp_path / "nowhere"
+    config = dataclasses.replace(tiny_config, methods=["nocot"],
+                                 eval=dataclasses.replace(tiny_config.eval, saved_models=[str(missing)]))
+    with pytest.raises(IcotInputError, match="nowhere"):
+        run_pipeline(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "nocot").exists()  # nothing trained
+
+
+def test_saved_models_entries_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"eval.saved_models\[0\]"):
+        load_config(None, {"eval": {"saved_models": [" "]}})

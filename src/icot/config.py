@@ -322,6 +322,9 @@ class EvalConfig:
             (``["3x3", "4x5"]``; empty: skip), out of distribution for a model trained on another size.
         sizes_count: problems per size (none of them a training INPUT).
         sizes_seed: seed of those problems.
+        saved_models: model or stage directories trained elsewhere (e.g. the committed
+            ``results/si-4x4/model``) evaluated beside the methods on the same test file and batch sizes,
+            one row each named by its path; the pipeline trains nothing for them.
     """
 
     batch_size: int = 1
@@ -333,8 +336,11 @@ class EvalConfig:
     sizes: list[str] = field(default_factory=list)
     sizes_count: int = 200
     sizes_seed: int = 12345
+    saved_models: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, path in enumerate(self.saved_models):
+            _check(bool(path.strip()), f"eval.saved_models[{i}]", "must be a model directory, not empty")
         if self.sizes:
             try:
                 parse_sizes(self.sizes)

@@ -102,6 +102,9 @@ def check_data(config: IcotConfig) -> None:
     layout.encode_all(valid, True, config.data.valid)
     context = None if config.model.name_or_path else config.model.n_positions
     check_prompts(layout, context, [ex.input for ex in test], config.data.test)
+    for path in config.eval.saved_models:  # a saved model must load and read the test inputs too
+        predictor = load_predictor(path, config.eval.max_new_tokens, "cpu")
+        check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
 
 
 def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -135,18 +138,20 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows, by_size)``: one row per method at ``eval.batch_size`` (the papers' batch 1), plus batched
     rows; and, with ``eval.sizes``, each method on generated problems of those sizes (none a training
-    INPUT) at the batched size. Each method's model is loaded once for both."""
+    INPUT) at the batched size. Each method's model is loaded once for both. ``eval.saved_models`` (models
+    trained elsewhere) follow the methods, each row named by its directory."""
     test = read_examples(config.data.test, allow_empty_cot=True)
     sizes = parse_sizes(config.eval.sizes) if config.eval.sizes else []
     rows, by_size = [], []
-    for method in config.methods:
-        row_name, stage = METHOD_ROWS[method]
-        predictor = load_predictor(str(run_dir / stages.spec(stage).directory), config.eval.max_new_tokens, config.eval.device,
-                                   config.eval.dtype)
+    answering = [(method, str(run_dir / stages.spec(METHOD_ROWS[method][1]).directory)) for method in config.methods]
+    for method, directory in answering + [(None, path) for path in config.eval.saved_models]:
+        # A saved model's rows are named by its path: it was not trained by this run.
+        row_name, batched_name = (METHOD_ROWS[method][0], BATCHED_ROW[method]) if method else (directory, f"{directory} batched")
+        predictor = load_predictor(directory, config.eval.max_new_tokens, config.eval.device, config.eval.dtype)
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
         batch_sizes = [(row_name, config.eval.batch_size)]
         if config.eval.batched_size:
-            batch_sizes.append((BATCHED_ROW[method], config.eval.batched_size))
+            batch_sizes.append((batched_name, config.eval.batched_size))
         for name, batch_size in batch_sizes:
             r = evaluate(predictor, test, batch_size=batch_size, limit=config.eval.limit, progress=progress)
             rows.append({"method": name, **{k: r[k] for k in ("accuracy", "examples_per_second", "batch_size", "n")}})
