@@ -168,3 +168,24 @@ def test_evaluate_sizes_on_the_training_size_agrees_with_evaluate(predictors, se
                              exclude=[session_config.data.train], progress=False)[0]
     direct = evaluate(predictors["teacher"], [parse_line(line) for line in lines], batch_size=5, progress=False)
     assert by_size["correct"] == direct["correct"]
+
+
+def test_export_writes_a_smaller_model_that_answers_as_the_original_in_that_dtype(trained_teacher, session_config,
+                                                                                   tmp_path):
+    from safetensors import safe_open
+
+    from icot.evaluation import export_model
+
+    out = export_model(str(trained_teacher), tmp_path / "bf16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    original = trained_teacher / "best" / "model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.6 * original.stat().st_size
+    inputs = [ex.input for ex in read_examples(session_config.data.valid)[:20]]
+    # The same bf16 weights: the same answers when both decode in bf16.
+    exported = load_predictor(str(out), dtype="bfloat16").predict(inputs)
+    reference = load_predictor(str(trained_teacher), dtype="bfloat16").predict(inputs)
+    assert exported == reference
+    assert load_lm_dir(out)[2]["layout"] == "explicit"  # icot.json went along
+    with pytest.raises(CheckpointError, match="overwrite"):
+        export_model(str(out), out)

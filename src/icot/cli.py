@@ -1,4 +1,5 @@
-"""Command line: ``icot data``, ``icot train``, ``icot eval``, ``icot predict``, ``icot pipeline``.
+"""Command line: ``icot data``, ``icot train``, ``icot eval``, ``icot predict``, ``icot probe``, ``icot export``,
+``icot pipeline``.
 
 Bad input (data, config, checkpoint) ends in one line on stderr naming the file, the line or field
 and the problem, and exit status 2. Training stopped by SIGINT / SIGTERM saves a checkpoint, says so in
@@ -171,6 +172,12 @@ def _probe(args: argparse.Namespace) -> None:
         plot_r2(result, args.plot, f"{args.model}: R² of the running sums")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from icot.evaluation import export_model
+
+    print(f"[icot] wrote {export_model(args.model, args.out, args.dtype)} ({args.dtype} weights)")
+
+
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
     from icot.config import load_config
     from icot.pipeline import run_pipeline
@@ -289,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--plot", help="also draw the R² heatmap here (PNG)")
     probe.add_argument("--device", default="auto", help="where to run the model: auto, cpu, cuda, ...")
 
+    ex = sub.add_parser("export", help="copy a model with its weights in another dtype (bf16 halves its size)")
+    ex.add_argument("--model", required=True, help="model or stage directory (a stage's best model is exported)")
+    ex.add_argument("--out", required=True, help="model directory to write (icot eval / predict read it)")
+    ex.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="the copy's weight dtype (default bfloat16)")
+
     pipe = sub.add_parser("pipeline", help="train the stages the config's methods need, then evaluate them",
                           description="Train what the config's methods (nocot, explicit, icot-kd, icot-si) need "
                                       "into OUT, evaluate every method on data.test, and write results.json, "
@@ -321,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _predict(args)
         elif args.command == "probe":
             _probe(args)
+        elif args.command == "export":
+            _export(args)
         else:
             _pipeline(args, extra)
     except (IcotInputError, OSError) as e:  # OSError: a missing, unreadable or unwritable path

@@ -18,13 +18,14 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
+from icot.config import load_config
 from icot.data import Example, parse_line, read_inputs
 from icot.data.multiplication import generate_examples
 from icot.devices import decode_device
 from icot.errors import CheckpointError, DataFormatError
 from icot.generation import context_length, greedy_generate, left_pad
 from icot.models.implicit import ImplicitModel
-from icot.models.lm import load_lm_dir
+from icot.models.lm import load_lm_dir, save_lm_dir
 from icot.progress import progress_bar
 from icot.rundir import model_path, read_meta
 from icot.tokenizer import Layout
@@ -194,6 +195,32 @@ def write_json(result: dict, path: str | Path) -> None:
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "ImplicitPredictor", "evaluate", "check_inputs", "check_prompts",
            "normalize_answer", "write_json", "load_predictor", "evaluate_sizes"]
+
+
+def export_model(path: str, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """Write the model of ``path`` (a model or stage directory) to ``out`` with weights in ``dtype``.
+
+    The copy answers like the original loaded in that dtype (``icot eval --dtype``); bf16 halves the
+    size of a committed or shared model. ``icot.json`` (layout, position shift) and the config go along.
+
+    Raises:
+        CheckpointError: when ``path`` holds no answering model, or ``out`` is ``path`` itself.
+    """
+    directory, out = model_path(path), Path(out)
+    if out.resolve() == directory.resolve():
+        raise CheckpointError("the export would overwrite the model it reads; give another --out", out)
+    meta = read_meta(directory)
+    config = load_config(directory / "config.yaml") if (directory / "config.yaml").is_file() else None
+    if meta["kind"] == "lm":
+        model, tokenizer, meta = load_lm_dir(directory, dtype=getattr(torch, dtype))
+        save_lm_dir(out, model, tokenizer, {k: v for k, v in meta.items() if k != "kind"}, config)
+    elif meta["kind"] == "implicit":
+        model = ImplicitModel.from_pretrained(directory).to(getattr(torch, dtype))
+        model.save_pretrained(out, model.tokenizer, config)
+    else:
+        raise CheckpointError(f"field 'kind' is '{meta['kind']}': only 'lm' and 'implicit' models answer questions",
+                              directory)
+    return out
 
 
 def load_predictor(path: str, max_new_tokens: int = 256, device: str = "auto", dtype: str = "float32") -> Predictor:
