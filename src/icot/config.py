@@ -322,6 +322,9 @@ class EvalConfig:
             (``["3x3", "4x5"]``; empty: skip), out of distribution for a model trained on another size.
         sizes_count: problems per size (none of them a training INPUT).
         sizes_seed: seed of those problems.
+        probe_lines: multiplication only: fit ``icot probe``'s linear probes of every method's states on this many
+            training lines and score them on the test lines (``eval.limit`` of them); results.md gets the
+            best-layer summary, ``RUN_DIR/probes/`` the JSON and heatmaps (0: no probes).
     """
 
     batch_size: int = 1
@@ -333,6 +336,7 @@ class EvalConfig:
     sizes: list[str] = field(default_factory=list)
     sizes_count: int = 200
     sizes_seed: int = 12345
+    probe_lines: int = 0
 
     def __post_init__(self) -> None:
         if self.sizes:
@@ -342,6 +346,7 @@ class EvalConfig:
                 raise ConfigError(f"field 'eval.sizes': {e.problem}") from None
         _check(self.sizes_count > 0, "eval.sizes_count", "must be > 0")
         _check(self.sizes_seed >= 0, "eval.sizes_seed", "must be >= 0")
+        _check(self.probe_lines == 0 or self.probe_lines >= 2, "eval.probe_lines", "must be 0 (off) or >= 2")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(self.batched_size >= 0, "eval.batched_size", "must be >= 0")
         _check(self.limit >= 0, "eval.limit", "must be >= 0")
