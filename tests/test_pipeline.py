@@ -184,7 +184,8 @@ def test_evaluate_methods_scores_each_model_on_the_test_file_and_by_size(trained
     (tmp_path / "nocot").symlink_to(trained_nocot)
     config = dataclasses.replace(session_config, methods=["nocot", "explicit"], eval=dataclasses.replace(
         session_config.eval, batched_size=10, limit=10, sizes=["2x2", "40x40"], sizes_count=10))
-    rows, by_size = evaluate_methods(config, tmp_path, progress=False)
+    rows, by_size, probes = evaluate_methods(config, tmp_path, progress=False)
+    assert probes == {}  # eval.probe_lines is 0
     assert [r["method"] for r in rows] == ["no-cot", "no-cot-batched", "explicit-cot", "explicit-cot-batched"]
     assert [(r["method"], r["size"]) for r in by_size] == [("no-cot", "2x2"), ("no-cot", "40x40"),
                                                             ("explicit-cot", "2x2"), ("explicit-cot", "40x40")]
@@ -197,12 +198,12 @@ def test_saved_models_are_scored_beside_the_methods_under_their_own_names(traine
     (tmp_path / "nocot").symlink_to(trained_nocot)
     config = dataclasses.replace(session_config, methods=["nocot"], eval=dataclasses.replace(
         session_config.eval, batched_size=10, limit=10, saved_models=[str(trained_teacher)]))
-    rows, _ = evaluate_methods(config, tmp_path, progress=False)
+    rows, _, _ = evaluate_methods(config, tmp_path, progress=False)
     assert [r["method"] for r in rows] == ["no-cot", "no-cot-batched", str(trained_teacher),
                                            f"{trained_teacher} batched"]
     # The saved teacher answers through its CoT, as the explicit method's row would.
     (tmp_path / "teacher").symlink_to(trained_teacher)
-    explicit, _ = evaluate_methods(dataclasses.replace(config, methods=["explicit"], eval=dataclasses.replace(
+    explicit, _, _ = evaluate_methods(dataclasses.replace(config, methods=["explicit"], eval=dataclasses.replace(
         config.eval, saved_models=[])), tmp_path, progress=False)
     assert rows[2]["accuracy"] == explicit[0]["accuracy"] and rows[2]["n"] == 10
 
@@ -219,3 +220,65 @@ def test_pipeline_checks_saved_models_before_the_first_stage(tiny_config, tmp_pa
 def test_saved_models_entries_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"eval.saved_models\[0\]"):
         load_config(None, {"eval": {"saved_models": [" "]}})
+
+
+def test_pipeline_adds_the_probe_summary_to_results_md(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, methods=["nocot", "explicit"], eval=dataclasses.replace(
+        tiny_config.eval, probe_lines=200, limit=30))
+    results = run_pipeline(config, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert set(results["probes"]) == {"no-cot", "explicit-cot"}
+    for method, summary in results["probes"].items():
+        saved = json.loads((run / "probes" / f"{method}.json").read_text())
+        assert saved["train"] == 200 and saved["test"] == 30 and saved["size"] == "2x2" and saved["layers"] == 3
+        assert summary["r2"] == [max(col) for col in zip(*saved["r2"])]
+        assert len(summary["cot"]) == 4 and summary["cot_chance"] == saved["cot"]["column_chance"]
+        assert (run / "probes" / f"{method}.png").stat().st_size > 1000
+    table = (run / "results.md").read_text()
+    assert "Linear probes" in table and "fitted on 200 training lines, scored on 30 test lines" in table
+    assert "| method | k=0 | k=1 | k=2 | k=3 |" in table
+    nocot = results["probes"]["no-cot"]
+    assert f"| no-cot | {nocot['r2'][0]:.2f} / {100 * nocot['cot'][0]:.0f}% |" in table
+    assert "| explicit-cot |" in table and "| chance (CoT) |" in table
+    assert json.loads((run / "results.json").read_text())["probes"]["explicit-cot"]["r2"] == \
+        results["probes"]["explicit-cot"]["r2"]
+
+
+@pytest.mark.parametrize("good, test_line, problem", [
+    (1, "1 2 * 3 4|| #### 8 0 4 0", ":2: no CoT: the probes"),                   # no CoT for the probes to read
+    (1, "1 2 3 * 4 5||x #### 1 2 3", ":2: a 3x2 problem among 2x2 ones"),       # two sizes in the test file
+    (0, "1 2 3 * 4 5||x #### 1 2 3", ": the test problems are not 2x2 like the"),  # another size than training
+])
+def test_pipeline_checks_the_probe_lines_before_the_first_stage(tiny_config, tmp_path, good, test_line, problem):
+    test = tmp_path / "test.txt"
+    good = Path(tiny_config.data.valid).read_text(encoding="utf-8").splitlines()[:good]
+    test.write_text("\n".join([*good, test_line]) + "\n", encoding="utf-8")
+    config = dataclasses.replace(tiny_config, methods=["nocot"], data=dataclasses.replace(tiny_config.data, test=str(test)),
+                                 eval=dataclasses.replace(tiny_config.eval, probe_lines=50))
+    with pytest.raises(DataFormatError, match=problem) as info:
+        run_pipeline(config, tmp_path / "run", progress=False)
+    assert str(info.value).startswith(f"{test}:")
+    assert not (tmp_path / "run" / "nocot").exists()  # nothing trained
+
+
+def test_results_markdown_probe_table_without_a_cot_probe():
+    probes = {"icot-kd": {"r2": [0.99, 0.5], "cot": [0.9, None], "cot_chance": [0.25, None], "train": 100, "test": 20},
+              "no-cot": {"r2": [0.98, 0.25], "cot": None, "cot_chance": None, "train": 100, "test": 20}}
+    results = {"rows": [], "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc",
+               "machine": {"cpu_count": 2, "device": "cpu"}, "probes": probes}
+    table = results_markdown(results)
+    assert "| icot-kd | 0.99 / 90% | 0.50 |" in table and "| no-cot | 0.98 | 0.25 |" in table
+    assert "| chance (CoT) | 25% | - |" in table
+
+
+@pytest.mark.slow
+def test_pipeline_probes_the_implicit_model(tmp_path):
+    """ICoT-KD end to end on the smoke config: its probe reads the student on the emulated states."""
+    config = load_config(ROOT / "configs" / "smoke.yaml", {"data": {"test": "", "generate": {"test_count": 24}},
+                                                          "eval": {"probe_lines": 128, "batched_size": 0},
+                                                          "methods": ["icot-kd"]})
+    results = run_pipeline(config, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "probes" / "icot-kd.json").read_text())
+    assert saved["layers"] == 3 and saved["test"] == 16 and saved["cot"]["column_accuracy"]
+    assert results["probes"]["icot-kd"]["r2"] == [max(col) for col in zip(*saved["r2"])]
+    assert "| icot-kd | " in (tmp_path / "run" / "results.md").read_text()

@@ -153,23 +153,28 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _probe(args: argparse.Namespace) -> None:
     from icot.data import read_examples
-    from icot.evaluation import LMPredictor, load_predictor, write_json
-    from icot.probe import plot_r2, probe_model
+    from icot.evaluation import load_predictor, write_json
+    from icot.probe import plot_probe, probe_model
 
     predictor = load_predictor(args.model, device=args.device)
-    if not isinstance(predictor, LMPredictor):
-        raise IcotInputError("icot probe reads plain causal LMs (teacher, no-CoT, stepwise); an implicit "
-                             "(ICoT-KD) model is not supported yet", args.model)
-    # A teacher is probed teacher-forced on the reference CoT, which its test lines must then have.
+    # A teacher is probed teacher-forced on the reference CoT, which its test lines must then have; the other
+    # models' test lines may lack it (then there is no CoT probe).
     train = read_examples(args.train)[: args.train_lines]
     test = read_examples(args.test, allow_empty_cot=not predictor.with_cot)[: args.test_lines]
     result = {"model": args.model, "train_file": args.train, "test_file": args.test,
               **probe_model(predictor, train, test, args.ridge, args.train, args.test)}
     write_json(result, args.json)
     for layer, row in enumerate(result["r2"]):
-        print(f"layer {layer}: " + " ".join(f"{v:5.2f}" for v in row), file=sys.stderr)
+        print(f"layer {layer}: R² " + " ".join(f"{v:5.2f}" for v in row), file=sys.stderr)
+    if result["cot"]:
+        for layer, row in enumerate(result["cot"]["column_accuracy"]):
+            print(f"layer {layer}: CoT " + " ".join("    -" if v is None else f"{v:5.2f}" for v in row), file=sys.stderr)
+        print("chance:   CoT " + " ".join("    -" if v is None else f"{v:5.2f}" for v in result["cot"]["column_chance"]),
+              file=sys.stderr)
+    else:
+        print(f"no CoT probe: {args.test} has lines without a CoT", file=sys.stderr)
     if args.plot:
-        plot_r2(result, args.plot, f"{args.model}: R² of the running sums")
+        plot_probe(result, args.plot, f"{args.model}: what a linear probe reads")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -285,15 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="INPUT text, e.g. '9 1 7 3 * 9 4 3 3'")
     _decode_flags(pr)
 
-    probe = sub.add_parser("probe", help="linear probes of the multiplication's running sums in every layer")
-    probe.add_argument("--model", required=True, help="teacher, no-CoT or stepwise model or stage directory")
+    probe = sub.add_parser("probe", help="linear probes of the multiplication's running sums and the CoT digits in every layer")
+    probe.add_argument("--model", required=True, help="teacher, no-CoT, stepwise or implicit model or stage directory")
     probe.add_argument("--train", required=True, help="multiplication lines to fit the probes on")
     probe.add_argument("--test", required=True, help="held-out multiplication lines to score them on")
     probe.add_argument("--train-lines", type=_int_at_least(2), default=4000, help="lines of --train used (default 4000)")
     probe.add_argument("--test-lines", type=_int_at_least(2), default=1000, help="lines of --test used (default 1000)")
     probe.add_argument("--ridge", type=_positive_float, default=1.0, help="ridge penalty on standardized features (> 0)")
-    probe.add_argument("--json", required=True, help="where to write R² per layer and answer digit")
-    probe.add_argument("--plot", help="also draw the R² heatmap here (PNG)")
+    probe.add_argument("--json", required=True, help="where to write R² and CoT accuracy per layer and answer digit")
+    probe.add_argument("--plot", help="also draw the heatmaps here (PNG)")
     probe.add_argument("--device", default="auto", help="where to run the model: auto, cpu, cuda, ...")
 
     ex = sub.add_parser("export", help="copy a model with its weights in another dtype (bf16 halves its size)")

@@ -325,6 +325,9 @@ class EvalConfig:
         saved_models: model or stage directories trained elsewhere (e.g. the committed
             ``results/si-4x4/model``) evaluated beside the methods on the same test file and batch sizes,
             one row each named by its path; the pipeline trains nothing for them.
+        probe_lines: multiplication only: fit ``icot probe``'s linear probes of every method's states on this many
+            training lines and score them on the test lines (``eval.limit`` of them); results.md gets the
+            best-layer summary, ``RUN_DIR/probes/`` the JSON and heatmaps (0: no probes).
     """
 
     batch_size: int = 1
@@ -337,6 +340,7 @@ class EvalConfig:
     sizes_count: int = 200
     sizes_seed: int = 12345
     saved_models: list[str] = field(default_factory=list)
+    probe_lines: int = 0
 
     def __post_init__(self) -> None:
         for i, path in enumerate(self.saved_models):
@@ -348,6 +352,7 @@ class EvalConfig:
                 raise ConfigError(f"field 'eval.sizes': {e.problem}") from None
         _check(self.sizes_count > 0, "eval.sizes_count", "must be > 0")
         _check(self.sizes_seed >= 0, "eval.sizes_seed", "must be >= 0")
+        _check(self.probe_lines == 0 or self.probe_lines >= 2, "eval.probe_lines", "must be 0 (off) or >= 2")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(self.batched_size >= 0, "eval.batched_size", "must be >= 0")
         _check(self.limit >= 0, "eval.limit", "must be >= 0")

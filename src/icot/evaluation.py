@@ -76,6 +76,8 @@ class ImplicitPredictor:
         max_new_tokens: decoding budget per example.
     """
 
+    with_cot = False  # its layout is INPUT <sep> [MARKER] ANSWER <eos>: no CoT is ever shown or produced
+
     def __init__(self, model: ImplicitModel, max_new_tokens: int = 256):
         if model.tokenizer is None:
             raise ValueError("ImplicitModel.tokenizer is not set: load the model with ImplicitModel.from_pretrained "

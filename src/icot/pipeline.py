@@ -4,7 +4,8 @@ Every stage writes its own directory under ``RUN_DIR``; a stage whose directory 
 finished run of the same resolved config is skipped, and an unfinished one with a checkpoint
 (``save_every``, SIGINT/SIGTERM) resumes from it, so an interrupted pipeline continues where it stopped.
 The results go to ``RUN_DIR/results.json``, ``RUN_DIR/results.md`` and
-``RUN_DIR/accuracy_vs_speed.png``; the implicit model is ``RUN_DIR/implicit/``. Under
+``RUN_DIR/accuracy_vs_speed.png`` (with ``eval.probe_lines``, the linear probes of every method's states in
+``RUN_DIR/probes/``); the implicit model is ``RUN_DIR/implicit/``. Under
 ``accelerate launch`` every process trains; the main process alone generates data and evaluates.
 """
 
@@ -22,11 +23,20 @@ from typing import Any
 import torch
 
 from icot.config import IcotConfig, load_config, output_settings, parse_sizes
-from icot.data import read_examples
+from icot.data import Example, read_examples
 from icot.data.multiplication import write_training_file
 from icot.devices import decode_device, process_state
-from icot.errors import ConfigError
-from icot.evaluation import Predictor, check_inputs, check_prompts, evaluate, evaluate_sizes, load_predictor
+from icot.errors import ConfigError, DataFormatError
+from icot.evaluation import (
+    Predictor,
+    check_inputs,
+    check_prompts,
+    evaluate,
+    evaluate_sizes,
+    load_predictor,
+    write_json,
+)
+from icot.probe import best_layers, plot_probe, probe_model, problem_size
 from icot.rundir import can_resume, read_meta, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
@@ -102,9 +112,33 @@ def check_data(config: IcotConfig) -> None:
     layout.encode_all(valid, True, config.data.valid)
     context = None if config.model.name_or_path else config.model.n_positions
     check_prompts(layout, context, [ex.input for ex in test], config.data.test)
+    if config.eval.probe_lines:
+        probe_examples(config, train, test)
     for path in config.eval.saved_models:  # a saved model must load and read the test inputs too
         predictor = load_predictor(path, config.eval.max_new_tokens, "cpu")
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
+
+
+def probe_examples(config: IcotConfig, train: list[Example], test: list[Example]
+                   ) -> tuple[list[Example], list[Example]]:
+    """The lines ``eval.probe_lines`` fits the probes on (training) and scores them on (test, ``eval.limit``).
+
+    Raises:
+        DataFormatError: naming the file and line of a problem that is not multiplication of one size, a test
+            line without the CoT the probes read, or a file with fewer than 2 lines.
+    """
+    train, test = train[: config.eval.probe_lines], test[: config.eval.limit or None]
+    size = problem_size(train, config.data.train)
+    if problem_size(test, config.data.test) != size:
+        raise DataFormatError(f"the test problems are not {size[0]}x{size[1]} like the training ones: the probes "
+                              "(eval.probe_lines) need one size", config.data.test)
+    missing = next((line for line, ex in enumerate(test, start=1) if not ex.cot), None)
+    if missing is not None:
+        raise DataFormatError("no CoT: the probes (eval.probe_lines) read the test lines' CoT", config.data.test, missing)
+    for lines, path in ((train, config.data.train), (test, config.data.test)):
+        if len(lines) < 2:
+            raise DataFormatError(f"{len(lines)} line(s): the probes (eval.probe_lines) need at least 2", path)
+    return train, test
 
 
 def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -135,14 +169,16 @@ def run_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict
 
 
 def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(rows, by_size)``: one row per method at ``eval.batch_size`` (the papers' batch 1), plus batched
-    rows; and, with ``eval.sizes``, each method on generated problems of those sizes (none a training
-    INPUT) at the batched size. Each method's model is loaded once for both. ``eval.saved_models`` (models
-    trained elsewhere) follow the methods, each row named by its directory."""
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``(rows, by_size, probes)``: one row per method at ``eval.batch_size`` (the papers' batch 1), plus
+    batched rows; with ``eval.sizes``, each method on generated problems of those sizes (none a training
+    INPUT) at the batched size; with ``eval.probe_lines``, each method's probe summary (:func:`probe_method`).
+    Each method's model is loaded once for all. ``eval.saved_models`` (models trained elsewhere) follow the
+    methods, each row named by its directory."""
     test = read_examples(config.data.test, allow_empty_cot=True)
     sizes = parse_sizes(config.eval.sizes) if config.eval.sizes else []
-    rows, by_size = [], []
+    probing = probe_examples(config, load_split(config, "train"), test) if config.eval.probe_lines else None
+    rows, by_size, probes = [], [], {}
     answering = [(method, str(run_dir / stages.spec(METHOD_ROWS[method][1]).directory)) for method in config.methods]
     for method, directory in answering + [(None, path) for path in config.eval.saved_models]:
         # A saved model's rows are named by its path: it was not trained by this run.
@@ -159,7 +195,23 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
                   f"at batch {batch_size}")
         if sizes:
             by_size += _by_size_rows(config, predictor, row_name, sizes, progress)
-    return rows, by_size
+        if probing:
+            probes[row_name] = probe_method(predictor, *probing, run_dir / "probes" / row_name.replace("/", "_"), config)
+    return rows, by_size, probes
+
+
+def probe_method(predictor: Predictor, train: list[Example], test: list[Example], out: Path, config: IcotConfig
+                 ) -> dict[str, Any]:
+    """``icot probe`` on one method's model: ``OUT.json`` and the heatmaps ``OUT.png``; returns the best-layer
+    summary (:func:`icot.probe.best_layers`) with the paths."""
+    result = {"model": out.name, "train_file": config.data.train, "test_file": config.data.test,
+              **probe_model(predictor, train, test, 1.0, config.data.train, config.data.test)}
+    write_json(result, out.with_suffix(".json"))
+    plot_probe(result, str(out.with_suffix(".png")), f"{out.name}: what a linear probe reads")
+    print(f"[icot] probe {out.name}: best-layer R² of the running sums "
+          + " ".join(f"{v:.2f}" for v in best_layers(result)["r2"]))
+    return {**best_layers(result), "layers": result["layers"], "train": result["train"], "test": result["test"],
+            "json": str(out.with_suffix(".json")), "plot": str(out.with_suffix(".png"))}
 
 
 def _by_size_rows(config: IcotConfig, predictor: Predictor, row_name: str, sizes: list[tuple[int, int]],
@@ -221,6 +273,27 @@ def _by_size_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _probe_table(probes: dict[str, dict[str, Any]]) -> list[str]:
+    """Best-layer R² of ``ĉ_k`` and CoT-digit accuracy per answer digit, one row per method, chance last."""
+    first = next(iter(probes.values()))
+    digits = len(first["r2"])
+
+    def cell(r2: float, cot: float | None) -> str:
+        return f"{r2:.2f}" + ("" if cot is None else f" / {100 * cot:.0f}%")
+
+    out = [f"Linear probes (`probes/*.json`, heatmaps `probes/*.png`; fitted on {first['train']} training lines, "
+           f"scored on {first['test']} test lines): per answer digit k, the best layer's R² of the running sum ĉ_k "
+           "/ accuracy on the teacher's CoT digits of column k:", "",
+           "| method | " + " | ".join(f"k={k}" for k in range(digits)) + " |", "| --- |" + " --- |" * digits]
+    for method, p in probes.items():
+        cots = p["cot"] or [None] * digits
+        out.append(f"| {method} | " + " | ".join(cell(r, c) for r, c in zip(p["r2"], cots)) + " |")
+    chance = first.get("cot_chance")
+    if chance:
+        out.append("| chance (CoT) | " + " | ".join("-" if c is None else f"{100 * c:.0f}%" for c in chance) + " |")
+    return out
+
+
 def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Exact match against operand size, one line per method."""
     import matplotlib
@@ -277,6 +350,8 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{s.get('stopped_by', '-')} | {_kept(s.get('best') or {})} |")
     if results.get("by_size"):
         lines += ["", *_by_size_table(results["by_size"])]
+    if results.get("probes"):
+        lines += ["", *_probe_table(results["probes"])]
     if "compute_seconds" in results:  # results written before these fields existed lack them
         stage_seconds = results["compute_seconds"] - results["eval_seconds"]
         lines += ["", f"Time: stages {stage_seconds / 60:.1f} min + evaluation {results['eval_seconds'] / 60:.1f} min "
@@ -359,7 +434,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     if not state.is_main_process:
         return {}
     eval_start = time.monotonic()
-    rows, by_size = evaluate_methods(config, run_dir, progress)
+    rows, by_size, probes = evaluate_methods(config, run_dir, progress)
     eval_seconds = time.monotonic() - eval_start
     # wall_seconds is this invocation only; a resumed or partly reused run's cost is its stages' own
     # seconds (kept across resumes in each stage's checkpoint) plus this evaluation.
@@ -367,7 +442,8 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
     results = {"rows": rows, "stages": stage_report, "test": config.data.test, "seed": config.teacher.seed,
                "commit": _commit(), "machine": machine(config.eval.device, config.eval.dtype),
                "wall_seconds": time.monotonic() - start, "eval_seconds": eval_seconds,
-               "compute_seconds": compute_seconds, "config": config.to_dict(), "by_size": by_size}
+               "compute_seconds": compute_seconds, "config": config.to_dict(), "by_size": by_size,
+               "probes": probes}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")

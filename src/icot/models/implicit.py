@@ -75,6 +75,31 @@ class ImplicitModel(nn.Module):
         z = self.emulator(input_ids, attention_mask, s1).states  # (B, L, H)
         return self.student(input_ids, attention_mask, s1, z, labels)
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s1: torch.Tensor
+                      ) -> tuple[torch.Tensor, ...]:
+        """The student's hidden states during its forward pass on the emulator's states (what the model computes in).
+
+        Entry ``l < L`` is the input of the student's block ``l``: at ``s1`` the vector written there
+        (``MLP_l(ẑ_l)``), elsewhere the state the earlier blocks computed on the substituted ones; entry ``L`` is
+        the output after the final layer norm. (The LM's own ``output_hidden_states`` record ``s1`` before the
+        edit for ``l >= 1``: :mod:`icot.models.hooks`.)
+
+        Args:
+            input_ids: (B, T) ``INPUT <sep> [MARKER] ANSWER <eos>`` (padded).
+            attention_mask: (B, T) or None.
+            s1: (B,) position of the first ``<sep>``.
+
+        Returns:
+            ``L + 1`` tensors (B, T, H).
+        """
+        z = self.emulator(input_ids, attention_mask, s1).states  # (B, L, H)
+        hidden = self.student(input_ids, attention_mask, s1, z, output_hidden_states=True).hidden_states
+        v = self.student.substitutes(z)  # (B, L, H) the vectors written at s1
+        at_s1 = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+                 == s1.to(input_ids.device)[:, None])[..., None]  # (B, T, 1)
+        edited = [torch.where(at_s1, v[:, l, None, :].to(h.dtype), h) for l, h in enumerate(hidden[:-1])]  # (B, T, H)
+        return (*edited, hidden[-1])
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, s1: torch.Tensor, layout: Layout,
                  max_new_tokens: int) -> torch.Tensor:
         """Emulator prefill over the prompt, then the student's prefill on its states and greedy decoding.

@@ -99,7 +99,8 @@ class MindReadingStudent(nn.Module):
         return torch.stack([mlp(z[:, l]) for l, mlp in enumerate(self.mlps)], dim=1)  # (B, L, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s1: torch.Tensor,
-                teacher_states: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
+                teacher_states: torch.Tensor, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> CausalLMOutput:
         """The LM's forward pass with ``MLP_l(z_l)`` at ``s1`` before every block ``l``.
 
         Args:
@@ -109,6 +110,8 @@ class MindReadingStudent(nn.Module):
             s1: (B,) position of the first ``<sep>`` per row.
             teacher_states: (B, L, H) ``z``.
             labels: (B, T) with everything but ANSWER (and ``<eos>``) set to -100 by the caller; None: no loss.
+            output_hidden_states: also return the LM's ``hidden_states`` (at ``s1`` they mix both sides of the
+                edit: see :mod:`icot.models.hooks`; :meth:`ImplicitModel.hidden_states` gives the block inputs).
 
         Returns:
             The LM's output (``loss`` is the HF causal-LM loss on ``labels``, ``logits`` (B, T, V)).
@@ -116,7 +119,8 @@ class MindReadingStudent(nn.Module):
         v = self.substitutes(teacher_states)  # (B, L, H)
         with self.editor.edit(s1, lambda l, cur: v[:, l]):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), labels=labels, use_cache=False)
+                           position_ids=position_ids_from_mask(attention_mask), labels=labels, use_cache=False,
+                           output_hidden_states=output_hidden_states)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, s1: torch.Tensor,
                  teacher_states: torch.Tensor, layout: Layout, max_new_tokens: int) -> torch.Tensor:
