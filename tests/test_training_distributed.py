@@ -113,13 +113,24 @@ def test_two_processes_train_like_one(tmp_path, capsys):
     assert not torch.equal(a.transformer.wte.weight, torch.zeros_like(a.transformer.wte.weight))
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_setups_are_refused_in_one_line(kind, tiny_config, tmp_path, monkeypatch):
-    class ShardedAccelerator:  # what an accelerate config with distributed_type FSDP / DeepSpeed gives
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_setups_other_than_fsdp_are_refused_in_one_line(kind, tiny_config, tmp_path, monkeypatch):
+    class ShardedAccelerator:  # what an accelerate config with distributed_type DeepSpeed / Megatron-LM gives
         def __init__(self, **kwargs):
             self.distributed_type = getattr(DistributedType, kind)
 
     monkeypatch.setattr(loop, "Accelerator", ShardedAccelerator)
-    with pytest.raises(ConfigError, match="field 'distributed_type'.*DDP only") as info:
+    with pytest.raises(ConfigError, match="field 'distributed_type'.*DDP or FSDP only") as info:
+        train_stage(Stage(), tiny_config.teacher, tmp_path, tiny_config, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_fsdp_is_refused_in_one_line_for_a_stage_that_does_not_shard(tiny_config, tmp_path, monkeypatch):
+    class FSDPAccelerator:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(loop, "Accelerator", FSDPAccelerator)
+    with pytest.raises(ConfigError, match="is FSDP, which stage 'stage' does not support") as info:
         train_stage(Stage(), tiny_config.teacher, tmp_path, tiny_config, progress=False)
     assert "\n" not in str(info.value)

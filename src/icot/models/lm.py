@@ -118,13 +118,15 @@ def require_explicit(meta: dict[str, Any], path: str | Path) -> None:
 
 
 def save_lm_dir(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any],
-                config: IcotConfig | None = None, kind: str = "lm") -> None:
+                config: IcotConfig | None = None, kind: str = "lm",
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a causal-LM model directory: the Hugging Face LM and tokenizer, ``icot.json`` (``kind`` and
     ``meta``) and the resolved run config. Teacher, no-CoT and stepwise models are such directories; the
-    student's and emulator's add their extra modules (:mod:`icot.models.checkpoint`)."""
+    student's and emulator's add their extra modules (:mod:`icot.models.checkpoint`). ``state_dict``: the
+    weights to write instead of ``model``'s own (a sharded model's, gathered whole)."""
     path.mkdir(parents=True, exist_ok=True)
     with quiet_hub_bars():
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     write_meta(path, {**meta, "kind": kind})
     if config is not None:

@@ -110,6 +110,8 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 class CausalLMStage(Stage):
     """Fine-tune a causal LM on the explicit (teacher) or no-CoT layout with answer-side loss."""
 
+    shardable = True  # the module is the LM itself: FSDP may shard it
+
     def __init__(self, name: str, config: IcotConfig, train_cfg: TrainConfig, with_cot: bool,
                  init_from: str = "", meta: dict | None = None):
         self.name, self.config, self.with_cot = name, config, with_cot
@@ -135,8 +137,8 @@ class CausalLMStage(Stage):
     def validate(self, module: nn.Module) -> dict[str, float]:
         return validate_lm(module, self.layout, self.valid, self.valid_items, self.train_cfg, self.with_cot)
 
-    def save(self, module: nn.Module, path: Path) -> None:
-        save_lm_dir(path, module, self.tokenizer, self.meta, self.config)
+    def save(self, module: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save_lm_dir(path, module, self.tokenizer, self.meta, self.config, state_dict=state_dict)
 
 
 def chunks(items: Sequence, size: int) -> list[Sequence]:

@@ -18,7 +18,10 @@ A stage directory looks like::
 Under ``accelerate launch --num_processes N`` (DDP) the global batch stays ``batch_size``: each process
 takes ``batch_size / (N x grad_accum)`` examples per micro-batch. Only the main process writes; validation
 is sharded across processes (:mod:`icot.training.distributed`); all processes agree at every step on
-whether to stop, so they save and stop together.
+whether to stop, so they save and stop together. Stages that train one plain causal LM (``Stage.shardable``)
+also run under Accelerate's FSDP2, which shards weights, gradients and optimizer state across processes:
+the loop validates with the weights gathered whole and saves them gathered on the main process
+(:mod:`icot.training.sharding`), so model directories and checkpoints are those of an unsharded run.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from icot.rundir import (
 )
 from icot.training.distributed import mean_across
 from icot.training.resume import load_module_state, load_training_state, read_trainer_state, save_checkpoint
+from icot.training.sharding import full_state, gathered, is_sharded
 from icot.training.signals import StopSignals
 
 # A resumed run may change these fields of its own section: how long it trains and how often it validates,
@@ -80,7 +84,9 @@ class Stage:
     ``module`` holds every parameter the stage touches; frozen ones (a teacher) have
     ``requires_grad=False`` and are never given to the optimizer. A module that computes trainable
     parameters no loss reads (the emulator runs its LM's last block, whose output nothing uses) sets
-    ``unused_parameters = True``, so that DDP does not wait for their gradients.
+    ``unused_parameters = True``, so that DDP does not wait for their gradients. A stage whose module is one
+    Hugging Face causal LM, called only through its forward, sets ``shardable = True``: it may run under FSDP,
+    and its ``save`` then receives the whole weights as ``state_dict``.
 
     For exact resume, randomness in ``collate`` and ``loss`` must come from the global torch RNG (saved
     in checkpoints) or from generators seeded by the step (as the stepwise stage does).
@@ -90,6 +96,7 @@ class Stage:
     module: nn.Module
     train_items: Sequence[Any]
     unused_parameters: bool = False
+    shardable: bool = False
 
     def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of training items into a batch of tensors."""
@@ -122,8 +129,9 @@ class Stage:
         step, so resume needs no state); 1 by default."""
         return 1.0
 
-    def save(self, module: nn.Module, path: Path) -> None:
-        """Write ``module`` as a model directory at ``path``."""
+    def save(self, module: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``module`` as a model directory at ``path``; under FSDP (shardable stages only) ``module`` is
+        sharded and ``state_dict`` holds its whole weights."""
         raise NotImplementedError
 
 
@@ -190,9 +198,9 @@ class _Position:
     metrics_lines: int = 0
 
 
-# Accelerate setups that shard the model: the loop saves, validates and decodes with whole modules.
-SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
-           DistributedType.MEGATRON_LM: "Megatron-LM"}
+# Accelerate setups that shard the model and that icot does not run: the loop saves, validates and decodes
+# whole modules, which it gathers under FSDP2 (icot.training.sharding) only.
+SHARDED = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.MEGATRON_LM: "Megatron-LM"}
 
 
 def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
@@ -214,9 +222,24 @@ def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
                               project_dir=str(out_dir / "tracking") if cfg.log_with else None)
     if accelerator.distributed_type in SHARDED:
         raise ConfigError(f"field 'distributed_type' of the accelerate config is "
-                          f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP only (every model of the "
-                          "papers fits one device); use 'accelerate launch --multi_gpu'")
+                          f"{SHARDED[accelerator.distributed_type]}: icot trains with DDP or FSDP only; use "
+                          "'accelerate launch --multi_gpu', or an FSDP config (fsdp_version: 2) for teacher, nocot "
+                          "and stepwise")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _check_fsdp(stage, accelerator)
     return accelerator
+
+
+def _check_fsdp(stage: Stage, accelerator: Accelerator) -> None:
+    if not stage.shardable:
+        raise ConfigError(f"field 'distributed_type' of the accelerate config is FSDP, which stage '{stage.name}' "
+                          "does not support (it reads and writes hidden states of whole modules through hooks, "
+                          "beside extra modules); only teacher, nocot and stepwise shard: train "
+                          f"{stage.name} with 'accelerate launch --multi_gpu' (DDP)")
+    version = accelerator.state.fsdp_plugin.fsdp_version
+    if version != 2:
+        raise ConfigError(f"field 'fsdp_config.fsdp_version' of the accelerate config is {version}: icot shards "
+                          "with FSDP2 only; set fsdp_version: 2")
 
 
 def _tracker_available(name: str) -> bool:
@@ -362,6 +385,9 @@ class _Trainer:
                               f"fewer than one batch of {cfg.batch_size}")
         self.module, self.optimizer, self.loader = self.accelerator.prepare(stage.module, self.optimizer, loader)
         self.unwrapped = self.accelerator.unwrap_model(self.module)
+        self.sharded = is_sharded(self.unwrapped)
+        # FSDP replaced the parameters by their shards (and gave those to the optimizer): clip those.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         steps_per_epoch = len(self.loader) // cfg.grad_accum
         self.total_steps = math.ceil(cfg.epochs * steps_per_epoch)
         if cfg.max_steps:
@@ -373,7 +399,8 @@ class _Trainer:
             self.optimizer, lambda step: schedule(step) * stage.lr_scale(step))
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        self.epoch_start = load_training_state(path, state, self.accelerator, self.optimizer, self.scheduler)
+        self.epoch_start = load_training_state(path, state, self.accelerator, self.optimizer, self.scheduler,
+                                               self.unwrapped)
         try:
             self.position = _Position(**state["position"])
         except TypeError as e:
@@ -507,15 +534,19 @@ class _Trainer:
     def _validate_and_keep(self) -> None:
         p, unwrapped = self.position, self.unwrapped
         unwrapped.eval()
-        with torch.no_grad():
+        # Under FSDP each process decodes its own validation shard with whole weights (see gathered).
+        with torch.no_grad(), gathered(unwrapped):
             metrics = self.stage.validate(unwrapped)
         unwrapped.train()
         eligible = bool(metrics.get("eligible", True))
         improved = eligible and (p.best is None or _score(metrics) > _score(p.best))
         if improved:
             p.best = {**metrics, "step": p.step}
+            save = functools.partial(self.stage.save, unwrapped)
+            if self.sharded:  # every process gathers; the main one receives the weights
+                save = functools.partial(save, state_dict=full_state(unwrapped))
             if self.main:
-                save_atomically(self.out_dir / BEST, lambda tmp: self.stage.save(unwrapped, tmp))
+                save_atomically(self.out_dir / BEST, save)
         self.log({"event": "validate", "step": p.step, "examples": p.examples, "seconds": self._elapsed(),
                   "improved": improved, **{f"val_{k}": v for k, v in metrics.items()}})
         self.bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", val_loss=f"{metrics['loss']:.3f}")

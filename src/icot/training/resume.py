@@ -13,6 +13,10 @@ killed while saving keeps the previous checkpoint. It holds::
                            seed, processes, the training data's SHA-256; ``settings``: the config and
                            input directories, see ``icot.training.loop.setting_changes``)
 
+Under FSDP (:mod:`icot.training.sharding`) the model and optimizer tensors are gathered whole to the main
+process before they are written, and given back to each process as its shard on resume: the files are the
+same as those of an unsharded run.
+
 Nothing here executes code from a file: tensors come from safetensors, everything else from JSON.
 """
 
@@ -33,6 +37,7 @@ from torch import nn
 
 from icot.errors import CheckpointError
 from icot.rundir import CHECKPOINT, STATE_FILE, save_atomically
+from icot.training.sharding import full_optimizer_state, full_state, is_sharded, load_optimizer_state
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -86,8 +91,8 @@ def _gathered_rng(accelerator: Accelerator) -> dict[str, torch.Tensor]:
 # Optimizer: tensors into safetensors, the rest into JSON
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_parts(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` as safetensors tensors and JSON-able rest."""
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -118,20 +123,25 @@ def save_checkpoint(out_dir: Path, accelerator: Accelerator, module: nn.Module, 
     Args:
         out_dir: the stage directory.
         accelerator: the run's accelerator.
-        module: the unwrapped stage module.
+        module: the unwrapped stage module (sharded under FSDP: gathered whole here).
         optimizer, scheduler: the run's optimizer and LR scheduler.
         trainer_state: JSON-able position, counters and metrics (see the module docstring).
         data_epoch_start: the data order generator's state at the start of the current epoch.
     """
     rng = _gathered_rng(accelerator)
+    sharded = is_sharded(module)
+    if sharded:  # collectives: every process gathers, the main process receives
+        model_state, optimizer_state = full_state(module), full_optimizer_state(module, optimizer)
     if accelerator.is_main_process:
-        tensors, optimizer_meta = _optimizer_parts(optimizer)
+        if not sharded:
+            model_state, optimizer_state = module.state_dict(), optimizer.state_dict()
+        tensors, optimizer_meta = _optimizer_parts(optimizer_state)
         state = {"format": FORMAT, **trainer_state, "optimizer": optimizer_meta,
                  "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
         def write(tmp: Path) -> None:
-            save_file(_module_tensors(module), str(tmp / MODEL_FILE))
+            save_file(_state_tensors(model_state), str(tmp / MODEL_FILE))
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             save_file({**rng, "data_epoch_start": data_epoch_start.cpu()}, str(tmp / RNG_FILE))
             # Written last: a checkpoint directory is complete when its trainer_state.json exists.
@@ -193,7 +203,11 @@ def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """What ``model.safetensors`` holds: each tensor of the module once, as its own CPU copy (safetensors
     writes whole storages, which views into a shared buffer are not)."""
-    state = module.state_dict()
+    return _state_tensors(module.state_dict())
+
+
+def _state_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`_module_tensors` of a state dict."""
     return {names[0]: state[names[0]].detach().to("cpu", copy=True).contiguous() for names in _tied_groups(state)}
 
 
@@ -218,8 +232,12 @@ def load_module_state(path: Path, module: nn.Module) -> None:
 
 
 def load_training_state(path: Path, state: Mapping[str, Any], accelerator: Accelerator,
-                        optimizer: torch.optim.Optimizer, scheduler: Any) -> torch.Tensor:
+                        optimizer: torch.optim.Optimizer, scheduler: Any, module: nn.Module | None = None
+                        ) -> torch.Tensor:
     """Restore optimizer, scheduler, gradient scaler and this process's RNG states from checkpoint ``path``.
+
+    ``module`` is the prepared stage module: when it is sharded (FSDP), the main process reads the optimizer
+    file and every process receives its shard (a collective).
 
     Returns:
         The data order generator's state at the start of the checkpoint's epoch.
@@ -228,7 +246,21 @@ def load_training_state(path: Path, state: Mapping[str, Any], accelerator: Accel
         CheckpointError: naming the file and the field that does not fit.
     """
     try:
-        optimizer.load_state_dict(_optimizer_state(_tensors(path / OPTIMIZER_FILE), state["optimizer"]))
+        if module is not None and is_sharded(module):
+            whole, failure = None, None
+            if accelerator.is_main_process:
+                try:
+                    whole = _optimizer_state(_tensors(path / OPTIMIZER_FILE), state["optimizer"])
+                except (CheckpointError, KeyError, ValueError, TypeError) as e:
+                    failure = e
+            # The other processes would wait for the main one's shards forever: all stop together.
+            if accelerator.reduce(torch.tensor([int(failure is not None)], device=accelerator.device),
+                                  reduction="sum").item():
+                raise failure or CheckpointError("the main process could not read it (its error names the field)",
+                                                 path / OPTIMIZER_FILE)
+            load_optimizer_state(module, optimizer, whole)
+        else:
+            optimizer.load_state_dict(_optimizer_state(_tensors(path / OPTIMIZER_FILE), state["optimizer"]))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"field 'optimizer' does not fit this stage's parameters: {e}", path / STATE_FILE) from None
     scheduler.load_state_dict(dict(state["scheduler"]))

@@ -205,8 +205,8 @@ class StepwiseStage(CausalLMStage):
                               position_shift=shift)
         return {**metrics, "cot_removed": float(self.removed), "eligible": float(done)}
 
-    def save(self, module: nn.Module, path: Path) -> None:
-        save_lm_dir(path, module, self.tokenizer, self.meta, self.config)
+    def save(self, module: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save_lm_dir(path, module, self.tokenizer, self.meta, self.config, state_dict=state_dict)
 
 
 def build(config: IcotConfig, teacher_dir: str = "") -> StepwiseStage:
