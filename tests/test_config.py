@@ -11,7 +11,6 @@ from icot.config import (
     IcotConfig,
     TrainConfig,
     load_config,
-    parse_overrides,
     parse_sizes,
     save_config,
 )
@@ -68,11 +67,8 @@ def test_flag_overrides():
     assert config.student == TrainConfig()
 
 
-def test_parse_overrides_builds_nested_dict():
-    # Values stay as typed; load_config gives them their field's type.
-    assert parse_overrides(["--teacher.lr", "1e-3", "--data.test=f.txt", "--eval.limit", "5"]) == {
-        "teacher": {"lr": "1e-3"}, "data": {"test": "f.txt"}, "eval": {"limit": "5"},
-    }
+def test_flag_values_take_their_field_type():
+    # `--key value` and `--key=value` alike; each value is read for its field's type.
     config = load_config(None, ["--teacher.lr", "1e-3", "--data.test=f.txt", "--eval.limit", "5"])
     assert (config.teacher.lr, config.data.test, config.eval.limit) == (1e-3, "f.txt", 5)
 
@@ -231,3 +227,98 @@ def test_eval_sizes_are_checked_when_the_config_loads():
             load_config(None, {"eval": {"sizes": bad}})
     with pytest.raises(ConfigError, match="eval.sizes_count"):
         load_config(None, {"eval": {"sizes_count": 0}})
+
+
+@pytest.mark.parametrize(("key", "choices"), [
+    ("teacher.lr_schedule", "'constant', 'linear', 'cosine'"),
+    ("couple.mixed_precision", "'no', 'fp16', 'bf16'"),
+    ("nocot.log_with", "'', 'tensorboard', 'wandb', 'mlflow'"),
+    ("model.tokenizer", "'word', 'bpe'"),
+    ("kd.subset", "'diagonal', 'first_column', 'last_column', 'top_row', 'bottom_row'"),
+    ("eval.dtype", "'float32', 'bfloat16', 'float16'"),
+    ("methods", "'nocot', 'explicit', 'icot-kd', 'icot-si'"),
+])
+def test_a_value_outside_the_choices_names_them(tmp_path, key, choices):
+    section, _, name = key.partition(".")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: magic\n" if name else f"{section}: [nocot, magic]\n", encoding="utf-8")
+    for load in (lambda: load_config(path), lambda: load_config(None, [f"--{key}", "[magic]" if not name else "magic"])):
+        with pytest.raises(ConfigError) as info:
+            load()
+        message = str(info.value)
+        assert f"field '{key}': " in message and f"one of {choices}" in message and "magic" in message
+        assert "\n" not in message
+
+
+def test_kd_delta_is_dynamic_or_a_positive_integer(tmp_path):
+    assert load_config(None).kd.delta == "dynamic"
+    assert load_config(None, ["--kd.delta", "3"]).kd.delta == 3
+    assert load_config(None, {"kd": {"delta": 2}}).kd.delta == 2
+    # A config.yaml saved when delta was a string field still loads, as the integer.
+    path = tmp_path / "old.yaml"
+    path.write_text("kd:\n  delta: '4'\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.kd.delta == 4
+    save_config(config, path)
+    assert "delta: 4\n" in path.read_text(encoding="utf-8") and load_config(path) == config
+    for bad, problem in (("0", "must be 'dynamic' or a positive integer"), ("-2", "must be 'dynamic' or a positive"),
+                         ("dynamical", "expected an integer or one of 'dynamic', got dynamical"), ("2.5", "expected an integer")):
+        with pytest.raises(ConfigError, match=f"field 'kd.delta': {problem}"):
+            load_config(None, ["--kd.delta", bad])
+
+
+@pytest.mark.parametrize("section", ["teacher", "nocot", "student", "emulator", "couple", "stepwise"])
+def test_range_errors_name_every_training_section(tmp_path, section):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  epochs: 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{path}: field '{section}.epochs': must be > 0 and finite$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"field '{section}.lr': must be in"):
+        load_config(None, [f"--{section}.lr", "2"])
+    # Replacing a section re-checks it under its own name too.
+    config = IcotConfig()
+    with pytest.raises(ConfigError, match=f"field '{section}.batch_size': must be > 0"):
+        dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), batch_size=0)})
+
+
+def _float_fields(cls=IcotConfig, prefix=""):
+    for f in dataclasses.fields(cls):
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(type(value), f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("key", list(_float_fields()))
+def test_nan_is_refused_in_every_number_field(key):
+    with pytest.raises(ConfigError, match=f"field '{key}'"):
+        load_config(None, [f"--{key}", ".nan"])
+
+
+def test_infinity_is_a_number():
+    assert load_config(None, ["--si.removal_smoothing_lambda", ".inf"]).si.removal_smoothing_lambda == float("inf")
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"data": {"train": None}}, "field 'data.train': expected a string, got None"),
+    ({"teacher": {"lr": None}}, "field 'teacher.lr': expected a number, got None"),
+    ({"teacher": 3}, "field 'teacher': expected a mapping, got 3"),
+    ({"data": {"generate": {"digits": 0}}}, "field 'data.generate.digits': must be > 0"),
+    ({"data": {"max_train_examples": 2.5}}, "field 'data.max_train_examples': expected an integer or null, got 2.5"),
+    ({"teacher": {"compile": 1}}, "field 'teacher.compile': expected true or false, got 1"),
+    (["--teacher.compile", "1"], "field 'teacher.compile': expected true or false, got 1"),
+    (["--teacher.lrr", "1"], "unknown field 'teacher.lrr' (known: batch_size, compile, "),
+    (["--data.test", "-x"], "override '--data.test': missing value (write --data.test=VALUE"),
+])
+def test_one_line_errors(overrides, problem):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value).startswith(f"<input>: {problem}") and "\n" not in str(info.value)
+
+
+def test_optional_fields_take_null():
+    config = load_config(None, ["--data.max_train_examples", "null", "--data.test", "null"])
+    assert config.data.max_train_examples is None and config.data.test == "null"
+    assert load_config(None, ["--data.generate.digits", "3"]).data.generate.digits == 3
+    assert load_config(None, {"data": {"generate": None}}).data.generate is None

@@ -8,16 +8,20 @@ One :class:`IcotConfig` describes a whole run; each stage reads the sections it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 import types
 import typing
+from argparse import ArgumentError
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from icot.errors import ConfigError
 
@@ -101,7 +105,7 @@ class ModelConfig:
     n_head: int = 4
     n_positions: int = 512
     dropout: float = 0.0
-    tokenizer: str = "word"
+    tokenizer: Literal["word", "bpe"] = "word"
     bpe_vocab_size: int = 2000
     answer_marker: str = ""
 
@@ -110,12 +114,7 @@ class ModelConfig:
             _check(getattr(self, name) > 0, f"model.{name}", "must be > 0")
         _check(self.n_embd % self.n_head == 0, "model.n_embd", "must be divisible by model.n_head")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.tokenizer in ("word", "bpe"), "model.tokenizer", "must be 'word' or 'bpe'")
         _check(self.bpe_vocab_size >= 300, "model.bpe_vocab_size", "must be >= 300 (256 bytes + specials)")
-
-
-LR_SCHEDULES = ("constant", "linear", "cosine")
-TRACKERS = ("", "tensorboard", "wandb", "mlflow")  # Accelerate's tracker names ("": none)
 
 
 @dataclass
@@ -158,27 +157,22 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 500
     eval_examples: int = 200
     eval_batch_size: int = 128
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     compile: bool = False
     init_from: str = ""
     log_every: int = 50
     save_every: int = 0
-    log_with: str = ""
+    log_with: Literal["", "tensorboard", "wandb", "mlflow"] = ""  # Accelerate's tracker names ("": none)
 
-    # Name used in errors; the loader rewrites it to the real section ('teacher', 'couple', ...).
-    SECTION: typing.ClassVar[str] = "train"
-
-    def __post_init__(self) -> None:
-        self._check_ranges(self.SECTION)
-
-    def _check_ranges(self, section: str) -> None:
+    def check(self, section: str) -> None:
+        """Range checks, naming the fields ``SECTION.FIELD`` (run by :class:`IcotConfig` for each section)."""
         _check(0 < self.epochs < math.inf, f"{section}.epochs", "must be > 0 and finite")
         _check(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
         _check(self.max_minutes >= 0, f"{section}.max_minutes", "must be >= 0")
@@ -189,21 +183,17 @@ class TrainConfig:
         _check(0 < self.lr < 1, f"{section}.lr", "must be in (0, 1)")
         _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps", "must be >= 0")
-        _check(self.lr_schedule in LR_SCHEDULES, f"{section}.lr_schedule",
-               "must be " + " or ".join(f"'{x}'" for x in LR_SCHEDULES))
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", "must be in [0, 1]")
         _check(self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0")
         _check(self.eval_every >= 0, f"{section}.eval_every", "must be >= 0")
         _check(self.eval_examples > 0, f"{section}.eval_examples", "must be > 0")
         _check(self.eval_batch_size > 0, f"{section}.eval_batch_size", "must be > 0")
-        _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{section}.mixed_precision",
-               "must be 'no', 'fp16' or 'bf16'")
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
         _check(self.save_every >= 0, f"{section}.save_every", "must be >= 0")
-        _check(self.log_with in TRACKERS, f"{section}.log_with", "must be " + ", ".join(f"'{x}'" for x in TRACKERS))
 
 
-SUBSETS = ("diagonal", "first_column", "last_column", "top_row", "bottom_row")
+Subset = Literal["diagonal", "first_column", "last_column", "top_row", "bottom_row"]
+SUBSETS: tuple[str, ...] = typing.get_args(Subset)
 
 
 @dataclass
@@ -220,24 +210,16 @@ class KDConfig:
         mixture_loss_weight: weight of the emulator's component classification loss.
     """
 
-    subset: str = "diagonal"
-    delta: str = "dynamic"
+    subset: Subset = "diagonal"
+    delta: int | Literal["dynamic"] = "dynamic"
     init_from_teacher: bool = True
     mixture_size: int = 1
     mixture_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.subset in SUBSETS, "kd.subset", f"must be one of {', '.join(SUBSETS)}")
-        if self.delta != "dynamic":
-            _check(str(self.delta).isdigit() and int(self.delta) > 0, "kd.delta",
-                   "must be 'dynamic' or a positive integer")
+        _check(self.delta == "dynamic" or self.delta > 0, "kd.delta", "must be 'dynamic' or a positive integer")
         _check(self.mixture_size >= 1, "kd.mixture_size", "must be >= 1")
         _check(self.mixture_loss_weight >= 0, "kd.mixture_loss_weight", "must be >= 0")
-
-    @property
-    def delta_value(self) -> str | int:
-        """``"dynamic"`` or the integer step."""
-        return "dynamic" if self.delta == "dynamic" else int(self.delta)
 
 
 @dataclass
@@ -285,7 +267,8 @@ class StepwiseConfig:
         _check(self.reset_warmup_steps >= 0, "si.reset_warmup_steps", "must be >= 0")
 
 
-EVAL_DTYPES = ("float32", "bfloat16", "float16")
+EvalDtype = Literal["float32", "bfloat16", "float16"]
+EVAL_DTYPES: tuple[str, ...] = typing.get_args(EvalDtype)
 
 
 def parse_sizes(text: str | Sequence[str]) -> list[tuple[int, int]]:
@@ -335,7 +318,7 @@ class EvalConfig:
     limit: int = 0
     max_new_tokens: int = 256
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: EvalDtype = "float32"
     sizes: list[str] = field(default_factory=list)
     sizes_count: int = 200
     sizes_seed: int = 12345
@@ -357,15 +340,18 @@ class EvalConfig:
         _check(self.batched_size >= 0, "eval.batched_size", "must be >= 0")
         _check(self.limit >= 0, "eval.limit", "must be >= 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
-        _check(self.dtype in EVAL_DTYPES, "eval.dtype", f"must be one of {', '.join(EVAL_DTYPES)}")
 
 
-METHODS = ("nocot", "explicit", "icot-kd", "icot-si")
+Method = Literal["nocot", "explicit", "icot-kd", "icot-si"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclass
 class IcotConfig:
-    """A whole run: data, model, one training section per stage, and evaluation."""
+    """A whole run: data, model, one training section per stage, and evaluation.
+
+    Building one range-checks each training section under its own name (``field 'couple.lr': ...``).
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -378,11 +364,12 @@ class IcotConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     si: StepwiseConfig = field(default_factory=StepwiseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
 
     def __post_init__(self) -> None:
-        for m in self.methods:
-            _check(m in METHODS, "methods", f"unknown method '{m}' (known: {', '.join(METHODS)})")
+        for f in dataclasses.fields(self):
+            if isinstance(section := getattr(self, f.name), TrainConfig):
+                section.check(f.name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-safe)."""
@@ -419,140 +406,65 @@ def output_settings(config: IcotConfig, sections: Sequence[str]) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading from YAML and flags
+# Loading from YAML and flags: jsonargparse reads the flags and checks every value against its field's type.
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check/convert a YAML value to the annotated type ``tp``; raise ConfigError naming ``name``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], name)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"field '{name}': expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"field '{name}': expected a mapping, got {value!r}")
-        return _from_dict(tp, value, name)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"field '{name}': expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"field '{name}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"field '{name}': expected a number, got {value!r}")
-        if math.isnan(float(value)):
-            raise ConfigError(f"field '{name}': NaN is not allowed")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"field '{name}': expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"field '{name}': unsupported type {tp!r}")
+@functools.cache
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, add_help=False)
+    parser.add_class_arguments(IcotConfig)
+    return parser
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known, key=str)  # YAML keys may be numbers too
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown field '{where}{unknown[0]}' (known: {', '.join(sorted(known))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        section = getattr(cls, "SECTION", None)
-        if section and prefix and section != prefix:
-            raise ConfigError(e.problem.replace(f"'{section}.", f"'{prefix}."), e.path, e.line) from None
-        raise
+def _not_none(tp: Any) -> Any:
+    """``X`` for ``X | None``, else ``tp``."""
+    args = typing.get_args(tp)
+    return next(a for a in args if a is not type(None)) if type(None) in args else tp
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '--{dotted}': '{k}' is not a section")
-    node[keys[-1]] = value
+def _field_type(key: str) -> Any:
+    """The annotated type of the field ``key`` (``"teacher.lr"``).
 
-
-class RawOverride(str):
-    """A flag's value as typed; read as YAML for non-string fields, kept verbatim for string fields."""
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["--teacher.lr", "1e-3", "--data.test", "f.txt"]`` into a nested dict of :class:`RawOverride`.
-
-    ``key=value`` works too. The values get their types in :func:`load_config`, which knows each field's
-    type: ``--data.test yes`` stays the string ``"yes"`` while ``--teacher.lr 1e-3`` becomes a float.
+    Raises:
+        ConfigError: for an unknown field, naming the known ones.
     """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(pairs):
-        tok = pairs[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"override '{tok}': expected --section.key VALUE")
-        key = tok[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(pairs):
-                raise ConfigError(f"override '--{key}': missing value")
-            raw = pairs[i + 1]
-            i += 2
-        _set_dotted(out, key.replace("-", "_"), RawOverride(raw))
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
+    tp, path = IcotConfig, []
+    for part in key.split("."):
+        hints = typing.get_type_hints(_not_none(tp)) if dataclasses.is_dataclass(_not_none(tp)) else {}
+        path.append(part)
+        if part not in hints:
+            raise ConfigError(f"unknown field '{'.'.join(path)}' (known: {', '.join(sorted(hints))})")
+        tp = hints[part]
     return tp
 
 
-def _fix_types(data: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Give flag values their field's type, and let YAML's ``1`` or ``1e-3`` stand for floats."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in data.items():
-        tp = _unwrap_optional(hints.get(k))
-        if isinstance(v, RawOverride):
-            v = str(v) if tp is str else yaml.safe_load(v)
-        if tp is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        elif tp is float and isinstance(v, str):
-            # PyYAML reads "1e-3" (no dot) as a string.
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        elif tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
-        elif tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            v = _fix_types(v, tp)
-        out[k] = v
-    return out
+def _expected(tp: Any) -> str:
+    """``tp`` in words: ``an integer``, ``one of 'no', 'fp16', 'bf16'``, ``a list of ...``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(map(_expected, args))
+    if typing.get_origin(tp) is list:
+        return f"a list, each {_expected(args[0])}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(tp, "a mapping")
+
+
+def _problem(error: ArgumentError) -> str:
+    """jsonargparse's (often multi-line) error as one line: ``field 'KEY': expected ..., got VALUE``."""
+    message = str(error)
+    found = re.search(r'Parser key "([\w.]+)"|unrecognized arguments: --([\w.]+)|argument --([\w.]+): expected one',
+                      message)
+    if not found:
+        return " ".join(message.split())
+    key = next(g for g in found.groups() if g)
+    tp = _field_type(key)  # an unknown field raises here
+    if found.group(3):
+        return f"override '--{key}': missing value (write --{key}=VALUE for a value that starts with '-')"
+    got = re.search(r"(?:Got|Given) value: (.*)\Z", message, re.S)
+    verb = "must be" if typing.get_origin(tp) is Literal else "expected"
+    return f"field '{key}': {verb} {_expected(tp)}" + (f", got {got.group(1).strip()}" if got else "")
 
 
 def _refuse_duplicate_keys(node: yaml.Node | None) -> None:
@@ -574,44 +486,72 @@ def _refuse_duplicate_keys(node: yaml.Node | None) -> None:
             _refuse_duplicate_keys(item)
 
 
-def _read_yaml(text: str) -> Any:
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     """``yaml.safe_load`` in its two steps, one parse: compose the nodes, refuse a repeated key, construct."""
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        _refuse_duplicate_keys(node)
-        return None if node is None else loader.construct_document(node)
-    finally:
-        loader.dispose()
+        loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            _refuse_duplicate_keys(node)
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:  # one line: the problem and where, without PyYAML's excerpt
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark and "line" not in str(e.problem) else ""
+        raise ConfigError(f"cannot read config: {e.problem}{where}", path) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config: {e}", path) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of sections", path)
+    return data or {}
+
+
+def _check_dict(data: dict[str, Any], prefix: str = "") -> None:
+    """Refuse what jsonargparse lets through from a dict: a null for a field that cannot be None, and a
+    section that is not a mapping."""
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        tp = _field_type(key)
+        if value is None and _not_none(tp) is tp or dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+            raise ConfigError(f"field '{key}': expected {_expected(tp)}, got {value!r}")
+        if dataclasses.is_dataclass(_not_none(tp)) and isinstance(value, dict):
+            _check_dict(value, f"{key}.")
+
+
+def _parse(data: dict[str, Any], overrides: list[str] | dict | None) -> IcotConfig:
+    _check_dict(data)
+    if isinstance(overrides, dict):
+        _check_dict(overrides)
+    parser = _parser()
+    try:
+        namespace = parser.parse_object(data)
+        if isinstance(overrides, dict):
+            namespace = parser.parse_object(overrides, namespace=namespace)
+        elif overrides:
+            flags = [re.sub(r"^--([^=]*)", lambda m: "--" + m[1].replace("-", "_"), flag) for flag in overrides]
+            namespace = parser.parse_args(flags, namespace=namespace)
+        return IcotConfig(**vars(parser.instantiate(namespace)))
+    except ArgumentError as e:
+        raise ConfigError(_problem(e)) from None
+    except ValueError as e:  # a range check; jsonargparse wraps those of data.generate (an Optional)
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> IcotConfig:
     """Read a YAML config (or defaults when ``path`` is None) and apply overrides.
 
+    ``overrides`` is a nested dict or flags, ``["--teacher.lr", "1e-3", "--data.test=f.txt"]`` (``-`` or ``_``
+    in the field name); a flag's value is read as YAML except for string fields, which keep it as typed.
+
     Raises:
         ConfigError: naming the file and the field for unknown fields, wrong types and bad ranges.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = _read_yaml(Path(path).read_text(encoding="utf-8"))
-        except yaml.MarkedYAMLError as e:  # one line: the problem and where, without PyYAML's excerpt
-            where = f" (line {e.problem_mark.line + 1})" if e.problem_mark and "line" not in str(e.problem) else ""
-            raise ConfigError(f"cannot read config: {e.problem}{where}", path) from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config: {e}", path) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("the top level must be a mapping of sections", path)
-        data = loaded or {}
-    if overrides:
-        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _merge(data, extra)
     try:
-        return _from_dict(IcotConfig, _fix_types(data, IcotConfig))
+        return _parse({} if path is None else _read_yaml(path), overrides)
     except ConfigError as e:
-        if path is not None and e.path is None:
-            raise ConfigError(e.problem, path) from None
-        raise
+        raise ConfigError(e.problem, e.path or path) from None
 
 
 def save_config(config: IcotConfig, path: str | Path) -> None:

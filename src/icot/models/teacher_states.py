@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-SUBSETS = ("diagonal", "first_column", "last_column", "top_row", "bottom_row")
+from icot.config import SUBSETS
 
 
 def _dynamic_positions(s1: torch.Tensor, s2: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def teacher_positions(
         s2: (B,) position of the second ``<sep>`` per row; must be > s1.
         n_layers: L, the number of decoder blocks.
         subset: one of ``SUBSETS``.
-        delta: ``"dynamic"`` or a non-negative int step (a string of digits is accepted, as configs give one).
+        delta: ``"dynamic"`` or a non-negative int step (a string of digits is accepted too).
 
     Returns:
         ``(layers, positions)``: (L,) long indices into ``output_hidden_states`` and (B, L) long positions.

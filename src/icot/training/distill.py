@@ -84,7 +84,7 @@ class FrozenTeacher(nn.Module):
         out = self.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                       output_hidden_states=True)
         layers, positions = teacher_positions(batch["teacher_s1"], batch["teacher_s2"], len(out.hidden_states) - 1,
-                                              self.kd.subset, self.kd.delta_value)
+                                              self.kd.subset, self.kd.delta)
         return gather_teacher_states(out.hidden_states, layers, positions), positions
 
 
