@@ -322,3 +322,19 @@ def test_eval_by_operand_size(trained_nocot, tiny_config, tmp_path, capsys):
     assert _error_lines(capsys.readouterr().err) == ["icot: error: <input>: --sizes: size '2by2' is not NxM with N, M >= 1 digits (e.g. 3x4)"]
     with pytest.raises(SystemExit):  # --data and --sizes exclude each other
         main(["eval", "--model", str(trained_nocot), "--sizes", "2x2", "--data", tiny_config.data.valid])
+
+
+def test_data_gsm8k_excludes_the_test_questions(tmp_path, capsys):
+    original = tmp_path / "orig.txt"
+    original.write_text("Q one?||1+1=<<1+1=2>>2 #### 2\nQ two?||2*3=<<2*3=6>>6 #### 6\nQ three?||It is 3. #### 3\n",
+                        encoding="utf-8")
+    test = tmp_path / "test.txt"
+    test.write_text("Q two?||<<2*3=6>> #### 6\n", encoding="utf-8")
+    out = tmp_path / "train.txt"
+    assert main(["data", "gsm8k", "--in", str(original), "--out", str(out), "--exclude", str(test)]) == 0
+    assert [ex.input for ex in read_examples(out)] == ["Q one?"]
+    assert "1 excluded" in capsys.readouterr().out
+    assert main(["data", "gsm8k", "--in", str(original), "--out", str(out), "--exclude", str(test),
+                 "--keep-unannotated"]) == 0
+    assert [(ex.input, ex.cot) for ex in read_examples(out, allow_empty_cot=True)] == [("Q one?", "<<1+1=2>>"),
+                                                                                        ("Q three?", "")]

@@ -189,3 +189,51 @@ def test_export_writes_a_smaller_model_that_answers_as_the_original_in_that_dtyp
     assert load_lm_dir(out)[2]["layout"] == "explicit"  # icot.json went along
     with pytest.raises(CheckpointError, match="overwrite"):
         export_model(str(out), out)
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    ("1000", "1,000"), ("1,000", "1000"), ("5.0", "5"), ("5", "5.00"), ("5.", "5"), (".5", "0.5"), ("0.50", ".5"),
+    ("-3", "-3.0"), ("+7", "7"), ("-0", "0"), ("0.0", "0"), ("007", "7"), ("1,234,567.890", "1234567.89"),
+    (" 300 ", "300"), ("1000", "1000.000"), ("-1,200", "-1200"),
+    ("123456789012345678901234567890123", "123,456,789,012,345,678,901,234,567,890,123"),  # beyond 28 digits: exact
+    ("1 3 9 4 5 4 2 1", "1  3 9 4 5 4 2 1"),  # multiplication answers: text, whitespace normalised
+])
+def test_answers_match_as_numbers_or_text(predicted, reference):
+    from icot.evaluation import answers_match
+    assert answers_match(predicted, reference)
+    assert answers_match(reference, predicted)
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    ("1000", "100"), ("5.01", "5"), ("-3", "3"), ("1,00", "100"),  # a misplaced comma is text, not a number
+    ("1 3 9 4", "1394"), ("1 3 9 4", "1 3 9 5"), ("0 1", "1 0"), ("1e3", "1000"), ("$5", "5"), ("", "0"),
+    ("123456789012345678901234567890123", "123456789012345678901234567890124"),  # no float rounding
+    ("5", "five"), ("1,0000", "10000"),
+])
+def test_answers_differ(predicted, reference):
+    from icot.evaluation import answers_match
+    assert not answers_match(predicted, reference)
+    assert not answers_match(reference, predicted)
+
+
+@pytest.mark.parametrize("text, value", [("1,000", "1000"), ("5.0", "5"), ("-3", "-3"), ("2.50", "2.5"), ("-0.0", "0"),
+                                         ("1E+3", None), ("1 3", None), ("+", None), (".", None), ("-", None),
+                                         ("abc", None), ("12,34", None)])
+def test_numeric_value_and_canonical_form(text, value):
+    from icot.evaluation import normalize_answer, numeric_value
+    assert (numeric_value(text) is None) == (value is None)
+    if value is not None:
+        assert normalize_answer(text) == value
+
+
+def test_evaluate_counts_numerically_equal_answers():
+    examples = [Example("q1", "<<1*1000=1000>>", "1,000"), Example("q2", "", "5"), Example("q3", "", "7"),
+                Example("q4", "", "1 2")]
+    answers = {"q1": "1000", "q2": "5.0", "q3": "8", "q4": "1  2"}
+
+    class Fixed:
+        def predict(self, inputs):
+            return [Prediction("", answers[x]) for x in inputs]
+
+    result = evaluate(Fixed(), examples, batch_size=2, progress=False, warmup=False)
+    assert result["correct"] == 3

@@ -282,3 +282,26 @@ def test_pipeline_probes_the_implicit_model(tmp_path):
     assert saved["layers"] == 3 and saved["test"] == 16 and saved["cot"]["column_accuracy"]
     assert results["probes"]["icot-kd"]["r2"] == [max(col) for col in zip(*saved["r2"])]
     assert "| icot-kd | " in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_pipeline_checks_training_lines_fit_the_context_before_training(tiny_config, tmp_path):
+    """An over-long training line is a FILE:LINE error before any stage, never a silent truncation; with only
+    the no-CoT method, the shorter no-CoT layout is what must fit."""
+    from icot.tokenizer import Layout
+    from icot.training.causal_lm import load_split, starting_tokenizer
+
+    train = load_split(tiny_config, "train")
+    layout = Layout(starting_tokenizer(tiny_config, train))
+    explicit = [len(e.ids) for e in layout.encode_all(train, True)]
+    nocot = max(len(e.ids) for e in layout.encode_all(train, False))
+    longest = max(explicit)
+    config = dataclasses.replace(tiny_config, methods=["explicit"],
+                                 model=dataclasses.replace(tiny_config.model, n_positions=longest - 1))
+    with pytest.raises(ConfigError, match="never truncated") as info:
+        check_data(config)
+    assert str(info.value).startswith(f"{config.data.train}:{explicit.index(longest) + 1}: ")
+    assert f"longest line of this file is {longest} tokens" in str(info.value)
+    assert not (tmp_path / "run").exists()
+    # The no-CoT layout of the same lines fits.
+    check_data(dataclasses.replace(config, methods=["nocot"],
+                                   model=dataclasses.replace(tiny_config.model, n_positions=max(nocot, 16))))

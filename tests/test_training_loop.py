@@ -391,7 +391,7 @@ def test_training_lines_longer_than_the_context_are_refused(tiny_config):
     with pytest.raises(ConfigError) as info:
         stages.build("teacher", config)
     message = str(info.value)
-    assert message.startswith(f"{tiny_config.data.train}: ") and "line 1 " in message
+    assert message.startswith(f"{tiny_config.data.train}:1: ") and "line 1 " in message and "never truncated" in message
     assert "model.n_positions" in message and str(longest) in message
 
 

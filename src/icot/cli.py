@@ -39,7 +39,8 @@ def _data_gsm8k(args: argparse.Namespace) -> None:
 
     if Path(args.out).resolve() == Path(args.input).resolve():
         raise IcotInputError("--out is the --in file: the conversion would overwrite its source", args.out)
-    report = convert_original(args.input, args.out)
+    report = convert_original(args.input, args.out, exclude_paths=args.exclude or [],
+                              keep_unannotated=args.keep_unannotated)
     print(report.summary())
 
 
@@ -252,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     gsm = data.add_parser("gsm8k", help="GSM8K with <<...>> annotations -> the equation-only CoT format")
     gsm.add_argument("--in", dest="input", required=True, help="GSM8K file with calculator annotations")
     gsm.add_argument("--out", required=True, help="file to write (not the --in file)")
+    gsm.add_argument("--exclude", action="append",
+                     help="data file whose INPUTs must not be written (repeatable); give the test file: the 500 "
+                          "questions of shared/data/gsm8k/valid.txt are all in train_original.txt")
+    gsm.add_argument("--keep-unannotated", action="store_true",
+                     help="write solutions without <<...>> annotations with an empty COT (as valid.txt has) "
+                          "instead of reporting and dropping them")
 
     train = sub.add_parser("train", help="train one stage", description="Train one stage into OUT. " + OVERRIDES)
     train.add_argument("stage", choices=STAGES, help="teacher (explicit CoT), nocot, student, emulator, couple "

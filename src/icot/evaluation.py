@@ -9,9 +9,11 @@ together (no Python loop over the batch); rows that finished early are cut at th
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import Protocol
 
@@ -117,9 +119,38 @@ def check_prompts(layout: Layout, context: int | None, inputs: Sequence[str], pa
                                   f"context of {context} (field n_positions)", path, line)
 
 
+# A number as GSM8K writes answers: optional sign, digits with or without thousands commas (in groups of
+# three), an optional decimal part ("5", "-3", "1,000", "2.50", ".5", "5."). Nothing else (no spaces, so a
+# multiplication answer "1 3 9 4" is never a number; no exponent, no "$" or units).
+_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d*)?")
+
+
+def numeric_value(text: str) -> Decimal | None:
+    """The value of an answer that is one number (see ``_NUMBER``), exactly (``decimal.Decimal``), else None."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text) or not any(c.isdigit() for c in text):
+        return None
+    return Decimal(text.replace(",", ""))
+
+
 def normalize_answer(text: str) -> str:
-    """Answers compare after whitespace normalisation only."""
-    return " ".join(text.split())
+    """The form answers compare in: a number's canonical value (``"1,000"``, ``"1000.0"`` and ``"+1000"`` all
+    give ``"1000"``, ``"-0"`` gives ``"0"``), anything else with its whitespace normalised (so multiplication
+    answers ``"1 3 9 4"`` compare as text)."""
+    value = numeric_value(text)
+    if value is None:
+        return " ".join(text.split())
+    if value == 0:
+        return "0"
+    # normalize() drops trailing zeros (exactly, given enough precision for every digit) but may give an
+    # exponent ("1E+3"); format as plain fixed-point.
+    return format(value.normalize(Context(prec=len(text) + 1)), "f")
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Exact match: equal as numbers when both are numbers (``"1,000" == "1000"``, ``"5.0" == "5"``), else equal
+    as text after whitespace normalisation."""
+    return normalize_answer(predicted) == normalize_answer(reference)
 
 
 def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int = 1, limit: int = 0,
@@ -149,7 +180,7 @@ def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         preds = predictor.predict([ex.input for ex in chunk])
-        correct += sum(normalize_answer(p.answer) == normalize_answer(ex.answer) for p, ex in zip(preds, chunk))
+        correct += sum(answers_match(p.answer, ex.answer) for p, ex in zip(preds, chunk))
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
@@ -196,7 +227,7 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "ImplicitPredictor", "evaluate", "check_inputs", "check_prompts",
-           "normalize_answer", "write_json", "load_predictor", "evaluate_sizes"]
+           "normalize_answer", "answers_match", "numeric_value", "write_json", "load_predictor", "evaluate_sizes"]
 
 
 def export_model(path: str, out: str | Path, dtype: str = "bfloat16") -> Path:

@@ -40,7 +40,7 @@ from icot.probe import best_layers, plot_probe, probe_model, problem_size
 from icot.rundir import can_resume, read_meta, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
-from icot.training.causal_lm import load_split, starting_tokenizer
+from icot.training.causal_lm import check_lengths, load_split, starting_tokenizer
 from icot.training.loop import checkpoint_refusal
 
 # Method -> (row name, the stage whose model answers).
@@ -100,23 +100,49 @@ def check_data(config: IcotConfig) -> None:
 
     Train, valid and test lines are parsed (``INPUT||COT #### ANSWER``); valid lines and test inputs are
     tokenized with the vocabulary built from the training file (or the pretrained model's; a stage that
-    starts from ``init_from`` checks against its own when it is built), and test prompts checked against
-    a from-scratch model's context (``model.n_positions``).
+    starts from ``init_from`` checks against its own when it is built); test prompts, and the training and
+    validation lines in the longest layout a stage reads, are checked against the starting model's context
+    (``model.n_positions`` from scratch, the pretrained model's ``max_position_embeddings``): nothing is truncated.
 
     Raises:
         DataFormatError: naming the file and the 1-based line of the first bad line.
+        ConfigError: ``FILE:LINE`` of the first training or validation line longer than the context.
     """
     train, valid = load_split(config, "train"), load_split(config, "valid")
     test = read_examples(config.data.test, allow_empty_cot=True)
     layout = Layout(starting_tokenizer(config, train))
-    layout.encode_all(valid, True, config.data.valid)
-    context = None if config.model.name_or_path else config.model.n_positions
+    valid_items = layout.encode_all(valid, True, config.data.valid)
+    context = context_of(config)
     check_prompts(layout, context, [ex.input for ex in test], config.data.test)
+    # Every stage but the no-CoT one reads the explicit layout (the teacher, the distillation stages' teacher
+    # inputs, stepwise's starting format): training and validation lines must fit it, as each stage checks.
+    with_cot = stages_for(config) != ["nocot"]
+    check_lengths(layout.encode_all(train, with_cot, config.data.train), context, config.data.train)
+    check_lengths(valid_items if with_cot else layout.encode_all(valid, False, config.data.valid), context,
+                  config.data.valid)
     if config.eval.probe_lines:
         probe_examples(config, train, test)
     for path in config.eval.saved_models:  # a saved model must load and read the test inputs too
         predictor = load_predictor(path, config.eval.max_new_tokens, "cpu")
         check_inputs(predictor, [ex.input for ex in test[: config.eval.limit or None]], config.data.test)
+
+
+def context_of(config: IcotConfig) -> int | None:
+    """The context length of the model the stages start from: ``model.n_positions`` from scratch, the pretrained
+    model's ``max_position_embeddings`` (or ``n_positions``) read from its ``config.json`` (None when unbounded)."""
+    if not config.model.name_or_path:
+        return config.model.n_positions
+    from transformers import AutoConfig
+
+    try:
+        pretrained = AutoConfig.from_pretrained(config.model.name_or_path)
+    except (OSError, ValueError):
+        return None  # the first stage that loads the model reports what is wrong with it
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(pretrained, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def probe_examples(config: IcotConfig, train: list[Example], test: list[Example]

@@ -77,14 +77,26 @@ def starting_tokenizer(config: IcotConfig, train: Sequence[Example]) -> PreTrain
 
 
 def check_fits(encoded: Sequence[Encoded], model: PreTrainedModel, path: str) -> None:
-    """Refuse sequences longer than the model's context, naming the first offending line."""
-    limit = context_length(model)
+    """Refuse sequences longer than the model's context (nothing is ever truncated), naming the first offending
+    line as ``FILE:LINE``."""
+    check_lengths(encoded, context_length(model), path)
+
+
+def check_lengths(encoded: Sequence[Encoded], limit: int | None, path: str) -> None:
+    """:func:`check_fits` for a context length (None: unbounded) rather than a model.
+
+    Raises:
+        ConfigError: ``FILE:LINE: ...`` (1-based line of the first encoded sequence longer than ``limit``),
+            with the longest sequence of the file, so that one run finds the ``model.n_positions`` it needs.
+    """
     if limit is None:
         return
     for i, e in enumerate(encoded):
         if len(e.ids) > limit:
-            raise ConfigError(f"line {i + 1} is {len(e.ids)} tokens long, more than the model's context of "
-                              f"{limit} (field model.n_positions)", path)
+            longest = max(len(x.ids) for x in encoded)
+            raise ConfigError(f"line {i + 1} is {len(e.ids)} tokens long, more than the model's context of {limit} "
+                              f"(field model.n_positions; the longest line of this file is {longest} tokens); "
+                              "lines are never truncated", path, i + 1)
 
 
 def lm_batch(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

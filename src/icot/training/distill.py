@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from icot.config import IcotConfig, KDConfig, TrainConfig
 from icot.data import Example
 from icot.errors import CheckpointError
-from icot.evaluation import normalize_answer
+from icot.evaluation import answers_match
 from icot.models.lm import hidden_size, load_lm_dir, n_layers, require_explicit
 from icot.models.teacher_states import gather_teacher_states, teacher_positions
 from icot.rundir import model_path
@@ -168,5 +168,5 @@ def validate_paired(module: nn.Module, layout: Layout, items: Sequence[PairedIte
         batch = to_device(paired_batch(chunk, layout.pad_id), device)
         refs = [layout.split_generation(it.nocot.ids[it.nocot.s1 + 1:], with_cot=False)[1] for it in chunk]
         answers = module.answers(batch, layout, budget)
-        correct += sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, refs))
+        correct += sum(answers_match(a, r) for a, r in zip(answers, refs))
     return {**metrics, **exact_match(correct, len(head))}
