@@ -509,3 +509,32 @@ def test_pipeline_resumes_across_neutral_changes_and_retrains_on_others(referenc
     run_stages(louder, run_dir, progress=False)
     assert "(resuming from its checkpoint)" in capsys.readouterr().out
     assert read_meta(run_dir / "teacher")["steps"] == config.teacher.max_steps
+
+
+@pytest.mark.slow
+def test_a_compiled_run_checkpoints_plain_names_and_resumes(reference, tmp_path):
+    """``compile: true``: the checkpoint names tensors as the model does (not torch.compile's
+    ``_orig_mod.X``), so that ``--resume`` loads it; the resumed run ends as an uninterrupted compiled one."""
+    config = reference[0]
+    config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, compile=True, max_steps=8,
+                                                                     eval_every=0))
+    whole, _ = _train(config, tmp_path / "whole")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=5)
+    names = set(load_file(str(out / CHECKPOINT / "model.safetensors")))
+    assert names and not any(n.startswith("_orig_mod.") for n in names)
+    stage, _ = _train(config, out, resume=True)
+    assert _max_difference(stage.module.state_dict(), whole.module.state_dict()) <= 1e-4
+
+
+def test_a_checkpoint_with_compiled_names_still_loads(reference, tmp_path):
+    """Checkpoints written by compiled runs before the fix name every tensor ``_orig_mod.X``."""
+    config, _, ref_weights, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        _train(config, out, interrupt_at=7)
+    file = out / CHECKPOINT / "model.safetensors"
+    save_file({f"_orig_mod.{k}": v for k, v in load_file(str(file)).items()}, str(file))
+    stage, _ = _train(config, out, resume=True)
+    assert _max_difference(stage.module.state_dict(), ref_weights) <= TOLERANCE

@@ -384,7 +384,9 @@ class _Trainer:
             raise ConfigError(f"field '{stage.name}.batch_size': {len(stage.train_items)} training examples are "
                               f"fewer than one batch of {cfg.batch_size}")
         self.module, self.optimizer, self.loader = self.accelerator.prepare(stage.module, self.optimizer, loader)
-        self.unwrapped = self.accelerator.unwrap_model(self.module)
+        # Without the torch.compile wrapper: its state_dict names every tensor '_orig_mod.<name>', which neither
+        # a checkpoint nor save_pretrained should carry.
+        self.unwrapped = self.accelerator.unwrap_model(self.module, keep_torch_compile=False)
         self.sharded = is_sharded(self.unwrapped)
         # FSDP replaced the parameters by their shards (and gave those to the optimizer): clip those.
         self.params = [p for p in self.module.parameters() if p.requires_grad]

@@ -211,6 +211,9 @@ def _state_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {names[0]: state[names[0]].detach().to("cpu", copy=True).contiguous() for names in _tied_groups(state)}
 
 
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule holds the module as _orig_mod
+
+
 def load_module_state(path: Path, module: nn.Module) -> None:
     """Load ``model.safetensors`` of checkpoint ``path`` into ``module`` (in place).
 
@@ -218,7 +221,8 @@ def load_module_state(path: Path, module: nn.Module) -> None:
         CheckpointError: naming the file and the first tensor that is missing, unexpected or of another shape.
     """
     file = path / MODEL_FILE
-    tensors = _tensors(file)
+    # Checkpoints of compiled runs written before the loop unwrapped torch.compile name tensors '_orig_mod.X'.
+    tensors = {name.removeprefix(COMPILED_PREFIX): t for name, t in _tensors(file).items()}
     for names in _tied_groups(module.state_dict()):  # a tied group is stored under one of its names
         stored = next((n for n in names if n in tensors), None)
         if stored is not None:
