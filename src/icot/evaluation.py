@@ -227,7 +227,8 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "ImplicitPredictor", "evaluate", "check_inputs", "check_prompts",
-           "normalize_answer", "answers_match", "numeric_value", "write_json", "load_predictor", "evaluate_sizes"]
+           "normalize_answer", "answers_match", "numeric_value", "write_json", "load_predictor", "evaluate_sizes",
+           "export_model"]
 
 
 def export_model(path: str, out: str | Path, dtype: str = "bfloat16") -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from icot.config import IcotConfig, load_config, output_settings, parse_sizes
 from icot.data import Example, read_examples
@@ -132,8 +133,6 @@ def context_of(config: IcotConfig) -> int | None:
     model's ``max_position_embeddings`` (or ``n_positions``) read from its ``config.json`` (None when unbounded)."""
     if not config.model.name_or_path:
         return config.model.n_positions
-    from transformers import AutoConfig
-
     try:
         pretrained = AutoConfig.from_pretrained(config.model.name_or_path)
     except (OSError, ValueError):
