@@ -322,3 +322,15 @@ def test_optional_fields_take_null():
     assert config.data.max_train_examples is None and config.data.test == "null"
     assert load_config(None, ["--data.generate.digits", "3"]).data.generate.digits == 3
     assert load_config(None, {"data": {"generate": None}}).data.generate is None
+
+
+@pytest.mark.parametrize("section, field_name, value", [
+    ("teacher", "lr_schedule", "step"), ("couple", "mixed_precision", "fp8"), ("model", "tokenizer", "char"),
+    ("kd", "subset", "middle"), ("eval", "dtype", "int8")])
+def test_choices_are_checked_for_a_config_changed_in_code(section, field_name, value):
+    config = load_config(None)
+    changed = dataclasses.replace(getattr(config, section), **{field_name: value})
+    with pytest.raises(ConfigError, match=rf"field '{section}.{field_name}': must be one of .*got '{value}'"):
+        dataclasses.replace(config, **{section: changed})
+    with pytest.raises(ConfigError, match=r"field 'methods': must be one of .*got 'magic'"):
+        dataclasses.replace(config, methods=["nocot", "magic"])

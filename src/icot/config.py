@@ -342,6 +342,22 @@ class EvalConfig:
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
 
 
+def _check_choices(node: Any, prefix: str) -> None:
+    """Every ``Literal`` field of ``node`` and its sections holds one of its choices (the loader checks what it
+    reads; this catches a config built or changed in code, e.g. with ``dataclasses.replace``)."""
+    for name, tp in typing.get_type_hints(type(node)).items():
+        value, key = getattr(node, name), f"{prefix}{name}"
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{key}.")
+            continue
+        tp, values = (typing.get_args(tp)[0], value) if typing.get_origin(tp) is list else (tp, [value])
+        if typing.get_origin(tp) is not Literal:  # incl. int | Literal['dynamic'] (kd.delta checks itself)
+            continue
+        allowed = typing.get_args(tp)
+        for v in values:
+            _check(v in allowed, key, "must be one of " + ", ".join(map(repr, allowed)) + f", got {v!r}")
+
+
 Method = Literal["nocot", "explicit", "icot-kd", "icot-si"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
@@ -370,6 +386,7 @@ class IcotConfig:
         for f in dataclasses.fields(self):
             if isinstance(section := getattr(self, f.name), TrainConfig):
                 section.check(f.name)
+        _check_choices(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-safe)."""
