@@ -433,6 +433,7 @@ def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-
             ax.plot(x, [100 * v["val_token_accuracy"] for v in vals], ":", color=color, label=f"{label}: token accuracy")
     by_removed.set_xlabel("CoT tokens removed (schedule)")
     by_examples.set_xlabel("training examples seen")
+    by_examples.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")  # 800000 -> 800k: no overlap
     by_removed.set_ylabel("validation accuracy (%), format of that step")
     for ax in (by_removed, by_examples):
         ax.set_ylim(-5, 105)
