@@ -438,7 +438,7 @@ def test_checkpoint_model_file_stores_tied_weights_once_and_packed_views_whole(t
     saved = _TiedAndPacked()
     first = saved.rnn.weight_ih_l0
     assert first.untyped_storage().nbytes() > first.numel() * first.element_size()  # a view of a larger buffer
-    save_file(resume_module._module_tensors(saved), str(tmp_path / resume_module.MODEL_FILE))
+    save_file(resume_module._state_tensors(saved.state_dict()), str(tmp_path / resume_module.MODEL_FILE))
     stored = load_file(str(tmp_path / resume_module.MODEL_FILE))
     assert ("embed.weight" in stored) != ("head.weight" in stored)  # one name for the tied pair
     assert {k for k in stored if k.startswith("rnn.")} == {k for k in saved.state_dict() if k.startswith("rnn.")}

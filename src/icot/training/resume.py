@@ -200,14 +200,9 @@ def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """What ``model.safetensors`` holds: each tensor of the module once, as its own CPU copy (safetensors
-    writes whole storages, which views into a shared buffer are not)."""
-    return _state_tensors(module.state_dict())
-
-
 def _state_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`_module_tensors` of a state dict."""
+    """What ``model.safetensors`` holds of a state dict: each tensor once (tied ones under one name), as its own
+    CPU copy (safetensors writes whole storages, which views into a shared buffer are not)."""
     return {names[0]: state[names[0]].detach().to("cpu", copy=True).contiguous() for names in _tied_groups(state)}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from torch import nn
 from icot.config import IcotConfig, StepwiseConfig, TrainConfig
 from icot.errors import ConfigError
 from icot.generation import shifted_positions
-from icot.models.lm import require_explicit, save_lm_dir
+from icot.models.lm import require_explicit
 from icot.rundir import model_path, read_meta
 from icot.tokenizer import IGNORE_INDEX, Encoded
 from icot.training.causal_lm import CausalLMStage, lm_batch, validate_lm
@@ -204,9 +203,6 @@ class StepwiseStage(CausalLMStage):
         metrics = validate_lm(module, self.layout, self.valid, items, self.train_cfg, with_cot=not done,
                               position_shift=shift)
         return {**metrics, "cot_removed": float(self.removed), "eligible": float(done)}
-
-    def save(self, module: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        save_lm_dir(path, module, self.tokenizer, self.meta, self.config, state_dict=state_dict)
 
 
 def build(config: IcotConfig, teacher_dir: str = "") -> StepwiseStage:
