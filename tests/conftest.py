@@ -6,6 +6,7 @@ Everything is sized to run in seconds on two shared CPU cores: GPT-2 with 2 laye
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -103,6 +104,38 @@ def trained_nocot(session_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nocot")
     torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
     stages.run("nocot", session_config, out, progress=False)
+    return out
+
+
+KD_SECTION = {"batch_size": 16, "lr": 1e-3, "max_steps": 6, "eval_every": 0, "eval_examples": 8,
+              "eval_batch_size": 8, "log_every": 2}
+
+
+@pytest.fixture(scope="session")
+def kd_config(session_config) -> IcotConfig:
+    """The session config with short student / emulator / couple sections."""
+    sections = {name: dataclasses.replace(getattr(session_config, name), **KD_SECTION)
+                for name in ("student", "emulator", "couple")}
+    return dataclasses.replace(session_config, **sections)
+
+
+@pytest.fixture(scope="session")
+def student_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
+    """A student stage directory (6 steps against ``trained_teacher``)."""
+    from icot.training import stages
+
+    out = tmp_path_factory.mktemp("student")
+    stages.run("student", kd_config, out, progress=False, teacher=str(trained_teacher))
+    return out
+
+
+@pytest.fixture(scope="session")
+def emulator_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
+    """An emulator stage directory (6 steps against ``trained_teacher``)."""
+    from icot.training import stages
+
+    out = tmp_path_factory.mktemp("emulator")
+    stages.run("emulator", kd_config, out, progress=False, teacher=str(trained_teacher))
     return out
 
 

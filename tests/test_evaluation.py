@@ -10,7 +10,7 @@ import torch
 from icot.data import Example, parse_line, read_examples, read_inputs
 from icot.data.multiplication import generate_examples
 from icot.errors import CheckpointError
-from icot.evaluation import LMPredictor, Prediction, evaluate, evaluate_sizes, load_predictor
+from icot.evaluation import LMPredictor, Prediction, digit_accuracy, evaluate, evaluate_sizes, load_predictor
 from icot.generation import left_pad
 from icot.models.lm import load_lm_dir
 from icot.tokenizer import Layout
@@ -87,6 +87,26 @@ def test_evaluate_counts_exact_matches(session_config):
     warm = _PartlyRight(examples)
     result = evaluate(warm, examples, batch_size=5, limit=10, progress=False, warmup=True)
     assert len(warm.seen) == 15 and result["n"] == 10
+
+
+def test_digit_accuracy_scores_each_place_and_counts_missing_tokens_wrong():
+    predicted = ["1 2 3", "1 9", "", "7 2 3 4"]
+    references = ["1 2 3", "1 2 3", "4 5", "1 2 3"]
+    # place 0: right in rows 0, 1 of 4; place 1: rows 0, 3 of 4; place 2: rows 0, 3 of the 3 references that
+    # have one (row 1's is missing, so wrong); row 3's extra token costs nothing
+    assert digit_accuracy(predicted, references) == [pytest.approx(2 / 4), pytest.approx(2 / 4), pytest.approx(2 / 3)]
+    with pytest.raises(ValueError):
+        digit_accuracy(["1"], ["1", "2"])
+
+
+def test_evaluate_reports_the_digit_accuracy_of_its_predictions(session_config):
+    examples = read_examples(session_config.data.valid)
+    result = evaluate(_PartlyRight(examples), examples, batch_size=4, progress=False, warmup=False)
+    # _PartlyRight's answers: right, right digits with an extra one (wrong as a whole), empty; in turn.
+    digits = len(examples[0].answer.split())
+    right_digits = sum(1 for i in range(len(examples)) if i % 3 != 2) / len(examples)
+    assert result["digit_accuracy"] == [pytest.approx(right_digits)] * digits
+    assert result["accuracy"] < right_digits
 
 
 def test_evaluate_refuses_no_examples():

@@ -15,7 +15,9 @@ from icot.config import load_config
 from icot.errors import ConfigError, DataFormatError, IcotInputError
 from icot.pipeline import (
     check_data,
+    digit_curves,
     evaluate_methods,
+    kd_stages,
     plot_by_size,
     plot_stepwise,
     results_markdown,
@@ -261,6 +263,34 @@ def test_pipeline_checks_the_probe_lines_before_the_first_stage(tiny_config, tmp
     assert not (tmp_path / "run" / "nocot").exists()  # nothing trained
 
 
+def test_results_markdown_kd_stage_table():
+    digits = [1.0, 0.5, 0.25, 0.0]
+    rows = [{"method": "icot-kd", "accuracy": 0.0, "examples_per_second": 5.0, "batch_size": 1, "n": 4,
+             "digit_accuracy": [0.5, 0.25, 0.0, 0.0]}]
+    results = {"rows": rows, "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc",
+               "machine": {"cpu_count": 2, "device": "cpu"},
+               "kd_stages": {"student_with_teacher_states": {"accuracy": 0.75, "digit_accuracy": digits, "n": 4},
+                             "emulator_then_student": {"accuracy": 0.25, "digit_accuracy": digits, "n": 4},
+                             "emulator_r2": [None, 0.5, 0.875]}}
+    table = results_markdown(results)
+    assert "| student on the teacher's states (ceiling) | 75.0% | 100% | 50% | 25% | 0% |" in table
+    assert "| emulator -> student, before coupling | 25.0% |" in table
+    assert "| coupled (icot-kd) | 0.0% | 50% | 25% | 0% | 0% |" in table
+    assert "| - | 0.500 | 0.875 |" in table
+    curves = digit_curves({**results, "config": {"eval": {"batch_size": 1}}})
+    assert list(curves) == ["icot-kd", "student on teacher states", "emulator -> student (uncoupled)"]
+    skipped = results_markdown({**results, "kd_stages": {"skipped": "t.txt:3 has no CoT"}})
+    assert "ICoT-KD stage by stage: not measured (t.txt:3 has no CoT)." in skipped
+
+
+def test_kd_stages_are_not_measured_on_a_test_file_without_cot(tiny_config, tmp_path):
+    test = tmp_path / "test.txt"
+    test.write_text("1 2 * 3 4||3 6 0 #### 3 6 0 0\n5 6 * 7 8|| #### 5 3 0 4\n")
+    config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, test=str(test)))
+    assert kd_stages(config, tmp_path / "run", progress=False) == {
+        "skipped": f"{test}:2 has no CoT, and the student's ceiling reads the teacher's states of it"}
+
+
 def test_results_markdown_probe_table_without_a_cot_probe():
     probes = {"icot-kd": {"r2": [0.99, 0.5], "cot": [0.9, None], "cot_chance": [0.25, None], "train": 100, "test": 20},
               "no-cot": {"r2": [0.98, 0.25], "cot": None, "cot_chance": None, "train": 100, "test": 20}}
@@ -281,7 +311,14 @@ def test_pipeline_probes_the_implicit_model(tmp_path):
     saved = json.loads((tmp_path / "run" / "probes" / "icot-kd.json").read_text())
     assert saved["layers"] == 3 and saved["test"] == 16 and saved["cot"]["column_accuracy"]
     assert results["probes"]["icot-kd"]["r2"] == [max(col) for col in zip(*saved["r2"])]
-    assert "| icot-kd | " in (tmp_path / "run" / "results.md").read_text()
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| icot-kd | " in table
+    # ICoT-KD stage by stage: the student's ceiling, the uncoupled pair, the coupled model, the emulator's R².
+    kd = results["kd_stages"]
+    assert kd["student_with_teacher_states"]["n"] == 16 and len(kd["emulator_r2"]) == 2
+    assert "| student on the teacher's states (ceiling) |" in table and "| coupled (icot-kd) |" in table
+    assert "| emulator -> student, before coupling |" in table and "| l=0 | l=1 |" in table
+    assert (tmp_path / "run" / "accuracy_by_digit.png").stat().st_size > 1000
 
 
 def test_pipeline_checks_training_lines_fit_the_context_before_training(tiny_config, tmp_path):

@@ -18,18 +18,6 @@ from icot.models.student import MindReadingStudent
 from icot.rundir import model_path, stage_is_done
 from icot.training import stages
 
-KD_SECTION = {"batch_size": 16, "lr": 1e-3, "max_steps": 6, "eval_every": 0, "eval_examples": 8,
-              "eval_batch_size": 8, "log_every": 2}
-
-
-@pytest.fixture(scope="module")
-def kd_config(session_config):
-    """The session config with short student / emulator / couple sections."""
-    sections = {name: dataclasses.replace(getattr(session_config, name), **KD_SECTION)
-                for name in ("student", "emulator", "couple")}
-    return dataclasses.replace(session_config, **sections)
-
-
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # trained on a GPU or not
 
@@ -48,20 +36,6 @@ def _valid_loss(stage) -> float:
 
 def _teacher_state(teacher_dir) -> dict[str, torch.Tensor]:
     return _state(load_lm_dir(model_path(teacher_dir))[0])
-
-
-@pytest.fixture(scope="module")
-def student_dir(kd_config, trained_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    stages.run("student", kd_config, out, progress=False, teacher=str(trained_teacher))
-    return out
-
-
-@pytest.fixture(scope="module")
-def emulator_dir(kd_config, trained_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("emulator")
-    stages.run("emulator", kd_config, out, progress=False, teacher=str(trained_teacher))
-    return out
 
 
 def test_student_trains_mlps_and_lm_but_not_teacher(kd_config, trained_teacher, tmp_path):
@@ -133,7 +107,7 @@ def test_couple_stage_writes_implicit_model(kd_config, student_dir, emulator_dir
     out = tmp_path / "implicit"
     result = stages.run("couple", kd_config, out, progress=False, student=str(student_dir),
                         emulator=str(emulator_dir))
-    assert result["steps"] == KD_SECTION["max_steps"]
+    assert result["steps"] == kd_config.couple.max_steps
     predictor = load_predictor(str(out))
     preds = predictor.predict(["1 2 * 3 4", "5 6 * 7 8"])
     assert [p.cot for p in preds] == ["", ""]
@@ -153,3 +127,40 @@ def test_a_nocot_model_is_not_accepted_as_teacher(session_config, trained_nocot)
     with pytest.raises(CheckpointError, match="not a teacher"):
         stages.build("stepwise", dataclasses.replace(session_config, stepwise=dataclasses.replace(
             session_config.stepwise, epochs=100)), teacher=str(trained_nocot))
+
+
+def test_state_fit_r2_per_layer():
+    """R² is 1 for exact states, 0 for the mean state, None for a layer whose state never varies, and the same
+    whether the examples come in one batch or several."""
+    from icot.training.emulator import StateFit
+
+    torch.manual_seed(0)
+    target = torch.randn(50, 4, 3)  # (B, L, H)
+    target[:, 3] = 2.0  # a constant state (as z_0 is the <sep> embedding on some diagonals)
+    pred = target.clone()
+    pred[:, 1] = target[:, 1].mean(0)  # the mean state: explains nothing
+    pred[:, 2] = target[:, 2] + 0.5 * torch.randn(50, 3)
+    whole = StateFit(4, 3)
+    whole.add(pred, target)
+    r2 = whole.r2()
+    residual = ((pred[:, 2] - target[:, 2]) ** 2).sum() / ((target[:, 2] - target[:, 2].mean(0)) ** 2).sum()
+    assert r2[0] == pytest.approx(1.0) and r2[1] == pytest.approx(0.0, abs=1e-9) and r2[3] is None
+    assert r2[2] == pytest.approx(1 - residual.item(), rel=1e-6)
+    parts = StateFit(4, 3)
+    for i in range(0, 50, 7):
+        parts.add(pred[i:i + 7], target[i:i + 7])
+    assert parts.r2()[:3] == pytest.approx(r2[:3]) and parts.r2()[3] is None
+    with pytest.raises(ValueError):
+        whole.add(pred[:, :2], target[:, :2])
+
+
+def test_emulator_validation_reports_r2_per_layer(kd_config, emulator_dir, trained_teacher):
+    from icot.training.emulator import r2_metrics
+
+    stage = stages.build("emulator", kd_config, teacher=str(trained_teacher))
+    stage.module.emulator.load_state_dict(ThoughtEmulator.from_pretrained(model_path(emulator_dir))[0].state_dict())
+    metrics = stage.validate(stage.module)
+    layers = sorted(k for k in metrics if k.startswith("r2_layer_"))
+    assert layers and all(metrics[k] <= 1.0 for k in layers)
+    assert metrics["r2"] == pytest.approx(sum(metrics[k] for k in layers) / len(layers))
+    assert r2_metrics([0.5, None, 0.25]) == {"r2": 0.375, "r2_layer_0": 0.5, "r2_layer_2": 0.25}

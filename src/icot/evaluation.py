@@ -166,7 +166,8 @@ def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int 
         warmup: decode one untimed batch first, so one-time start-up costs do not count as speed.
 
     Returns:
-        ``{"accuracy", "examples_per_second", "n", "correct", "batch_size", "seconds"}``.
+        ``{"accuracy", "examples_per_second", "n", "correct", "batch_size", "seconds", "digit_accuracy"}``;
+        ``digit_accuracy`` is :func:`digit_accuracy` of the predictions.
     """
     if limit:
         examples = examples[:limit]
@@ -174,19 +175,45 @@ def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int 
         raise ValueError("no examples to evaluate")
     if warmup:
         predictor.predict([ex.input for ex in examples[:batch_size]])
-    correct = 0
+    answers: list[str] = []
     start = time.perf_counter()
     bar = progress_bar(len(examples), f"eval bs={batch_size}", enabled=progress, leave=False)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        preds = predictor.predict([ex.input for ex in chunk])
-        correct += sum(answers_match(p.answer, ex.answer) for p, ex in zip(preds, chunk))
+        answers += [p.answer for p in predictor.predict([ex.input for ex in chunk])]
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
     n = len(examples)
+    correct = sum(answers_match(a, ex.answer) for a, ex in zip(answers, examples))
     return {"accuracy": correct / n, "examples_per_second": n / seconds, "n": n, "correct": correct,
-            "batch_size": batch_size, "seconds": seconds}
+            "batch_size": batch_size, "seconds": seconds,
+            "digit_accuracy": digit_accuracy(answers, [ex.answer for ex in examples])}
+
+
+def digit_accuracy(predicted: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Accuracy of each answer token (whitespace-separated) by its place: for the papers' multiplication
+    answers, of each digit, least significant first. A missing predicted token counts as wrong; place
+    ``k`` is scored over the references that have one (all of them when answers have one length).
+
+    Args:
+        predicted: predicted answer texts.
+        references: the reference answers, one per prediction.
+
+    Returns:
+        One accuracy per place, up to the longest reference.
+    """
+    correct: list[int] = []
+    count: list[int] = []
+    for pred, ref in zip(predicted, references, strict=True):
+        got, want = pred.split(), ref.split()
+        for k, token in enumerate(want):
+            if k == len(count):
+                correct.append(0)
+                count.append(0)
+            count[k] += 1
+            correct[k] += k < len(got) and got[k] == token
+    return [c / n for c, n in zip(correct, count)]
 
 
 def evaluate_sizes(predictor: Predictor, sizes: Sequence[tuple[int, int]], count: int, seed: int = 0,
@@ -228,7 +255,7 @@ def write_json(result: dict, path: str | Path) -> None:
 
 __all__ = ["Prediction", "Predictor", "LMPredictor", "ImplicitPredictor", "evaluate", "check_inputs", "check_prompts",
            "normalize_answer", "answers_match", "numeric_value", "write_json", "load_predictor", "evaluate_sizes",
-           "export_model"]
+           "export_model", "digit_accuracy"]
 
 
 def export_model(path: str, out: str | Path, dtype: str = "bfloat16") -> Path:

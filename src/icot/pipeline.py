@@ -4,8 +4,9 @@ Every stage writes its own directory under ``RUN_DIR``; a stage whose directory 
 finished run of the same resolved config is skipped, and an unfinished one with a checkpoint
 (``save_every``, SIGINT/SIGTERM) resumes from it, so an interrupted pipeline continues where it stopped.
 The results go to ``RUN_DIR/results.json``, ``RUN_DIR/results.md`` and
-``RUN_DIR/accuracy_vs_speed.png`` (with ``eval.probe_lines``, the linear probes of every method's states in
-``RUN_DIR/probes/``); the implicit model is ``RUN_DIR/implicit/``. Under
+``RUN_DIR/accuracy_vs_speed.png`` and ``RUN_DIR/accuracy_by_digit.png`` (with ``icot-kd``, each of its stages
+measured on its own: :mod:`icot.kd_quality`; with ``eval.probe_lines``, the linear probes of every method's
+states in ``RUN_DIR/probes/``); the implicit model is ``RUN_DIR/implicit/``. Under
 ``accelerate launch`` every process trains; the main process alone generates data and evaluates.
 """
 
@@ -37,6 +38,7 @@ from icot.evaluation import (
     load_predictor,
     write_json,
 )
+from icot.kd_quality import kd_stage_quality
 from icot.probe import best_layers, plot_probe, probe_model, problem_size
 from icot.rundir import can_resume, read_meta, stage_is_done
 from icot.tokenizer import Layout
@@ -215,7 +217,8 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
             batch_sizes.append((batched_name, config.eval.batched_size))
         for name, batch_size in batch_sizes:
             r = evaluate(predictor, test, batch_size=batch_size, limit=config.eval.limit, progress=progress)
-            rows.append({"method": name, **{k: r[k] for k in ("accuracy", "examples_per_second", "batch_size", "n")}})
+            rows.append({"method": name, **{k: r[k] for k in ("accuracy", "examples_per_second", "batch_size", "n",
+                                                                "digit_accuracy")}})
             print(f"[icot] {name}: accuracy {r['accuracy']:.4f}, {r['examples_per_second']:.1f} examples/s "
                   f"at batch {batch_size}")
         if sizes:
@@ -223,6 +226,24 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
         if probing:
             probes[row_name] = probe_method(predictor, *probing, run_dir / "probes" / row_name.replace("/", "_"), config)
     return rows, by_size, probes
+
+
+def kd_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """ICoT-KD stage by stage on the test file (:func:`icot.kd_quality.kd_stage_quality`), or ``{"skipped": why}``
+    when a test line has no CoT for the teacher to read."""
+    test = read_examples(config.data.test, allow_empty_cot=True)
+    missing = next((line for line, ex in enumerate(test[: config.eval.limit or None], start=1) if not ex.cot), None)
+    if missing is not None:
+        why = f"{config.data.test}:{missing} has no CoT, and the student's ceiling reads the teacher's states of it"
+        print(f"[icot] ICoT-KD stage by stage: not measured ({why})")
+        return {"skipped": why}
+    dirs = {name: run_dir / stages.spec(name).directory for name in ("teacher", "student", "emulator")}
+    kd = kd_stage_quality(config, dirs, test, progress)
+    r2 = " ".join("-" if v is None else f"{v:.2f}" for v in kd["emulator_r2"])
+    print(f"[icot] ICoT-KD stage by stage: student on the teacher's states "
+          f"{100 * kd['student_with_teacher_states']['accuracy']:.1f}%, emulator R² per layer {r2}, "
+          f"emulator -> student before coupling {100 * kd['emulator_then_student']['accuracy']:.1f}%")
+    return kd
 
 
 def probe_method(predictor: Predictor, train: list[Example], test: list[Example], out: Path, config: IcotConfig
@@ -295,6 +316,33 @@ def _by_size_table(rows: list[dict[str, Any]]) -> list[str]:
            "'-': prompts longer than the context):", "",
            "| method | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
     out += ["| " + m + " | " + " | ".join(cell.get((m, z), "") for z in sizes) + " |" for m in methods]
+    return out
+
+
+def _digits_row(name: str, exact: float, digits: list[float]) -> str:
+    return f"| {name} | {100 * exact:.1f}% | " + " | ".join(f"{100 * d:.0f}%" for d in digits) + " |"
+
+
+def _kd_table(kd: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """ICoT-KD stage by stage: exact match and per-digit accuracy of the student's ceiling, of the uncoupled
+    pair and of the coupled model, then the emulator's R² per layer."""
+    if "skipped" in kd:
+        return [f"ICoT-KD stage by stage: not measured ({kd['skipped']})."]
+    ceiling, pair = kd["student_with_teacher_states"], kd["emulator_then_student"]
+    coupled = next((r for r in rows if r["method"] == "icot-kd" and "digit_accuracy" in r), None)
+    digits = len(ceiling["digit_accuracy"])
+    out = [f"ICoT-KD stage by stage ({ceiling['n']} test lines; digit k of the answer, k = 0 first):", "",
+           "| model | exact match | " + " | ".join(f"k={k}" for k in range(digits)) + " |",
+           "| --- | --- |" + " --- |" * digits,
+           _digits_row("student on the teacher's states (ceiling)", ceiling["accuracy"], ceiling["digit_accuracy"]),
+           _digits_row("emulator -> student, before coupling", pair["accuracy"], pair["digit_accuracy"])]
+    if coupled:
+        out.append(_digits_row("coupled (icot-kd)", coupled["accuracy"], coupled["digit_accuracy"]))
+    r2 = kd["emulator_r2"]
+    out += ["", "Emulator: R² of its predicted states against the teacher's, per layer (1 = perfect; '-' = the "
+                "teacher's state there is the same for every line):", "",
+            "| " + " | ".join(f"l={l}" for l in range(len(r2))) + " |", "|" + " --- |" * len(r2),
+            "| " + " | ".join("-" if v is None else f"{v:.3f}" for v in r2) + " |"]
     return out
 
 
@@ -375,6 +423,8 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{s.get('stopped_by', '-')} | {_kept(s.get('best') or {})} |")
     if results.get("by_size"):
         lines += ["", *_by_size_table(results["by_size"])]
+    if results.get("kd_stages"):
+        lines += ["", *_kd_table(results["kd_stages"], rows)]
     if results.get("probes"):
         lines += ["", *_probe_table(results["probes"])]
     if "compute_seconds" in results:  # results written before these fields existed lack them
@@ -405,6 +455,45 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{task_title(results)}: accuracy against speed")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def digit_curves(results: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-digit accuracy by model: each method at ``eval.batch_size`` (the batched rows decode the same answers),
+    then ICoT-KD's student ceiling and uncoupled pair when measured."""
+    batch_size = (results.get("config") or {}).get("eval", {}).get("batch_size")
+    first = {}
+    for r in results["rows"]:
+        if "digit_accuracy" in r and (batch_size is None or r["batch_size"] == batch_size):
+            first.setdefault(r["method"], r["digit_accuracy"])
+    kd = results.get("kd_stages") or {}
+    if "student_with_teacher_states" in kd:
+        first["student on teacher states"] = kd["student_with_teacher_states"]["digit_accuracy"]
+        first["emulator -> student (uncoupled)"] = kd["emulator_then_student"]["digit_accuracy"]
+    return first
+
+
+def plot_digits(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """Accuracy of each answer digit (least significant first), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    markers = "os^Dv<>p*h"
+    for i, (name, digits) in enumerate(curves.items()):
+        ax.plot(range(len(digits)), [100 * d for d in digits], marker=markers[i % len(markers)], label=name)
+    width = max(len(d) for d in curves.values())
+    ax.set_xticks(range(width))
+    ax.set_xlabel("answer digit k (0 = least significant)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -461,6 +550,7 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
         return {}
     eval_start = time.monotonic()
     rows, by_size, probes = evaluate_methods(config, run_dir, progress)
+    kd = kd_stages(config, run_dir, progress) if "icot-kd" in config.methods else {}
     eval_seconds = time.monotonic() - eval_start
     # wall_seconds is this invocation only; a resumed or partly reused run's cost is its stages' own
     # seconds (kept across resumes in each stage's checkpoint) plus this evaluation.
@@ -469,10 +559,13 @@ def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True)
                "commit": _commit(), "machine": machine(config.eval.device, config.eval.dtype),
                "wall_seconds": time.monotonic() - start, "eval_seconds": eval_seconds,
                "compute_seconds": compute_seconds, "config": config.to_dict(), "by_size": by_size,
-               "probes": probes}
+               "probes": probes, "kd_stages": kd}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     plot(results, run_dir / "accuracy_vs_speed.png")
+    digits = digit_curves(results)
+    if digits and max(map(len, digits.values())) > 1:  # one-token answers (GSM8K numbers) have no digits to compare
+        plot_digits(digits, run_dir / "accuracy_by_digit.png", f"{task_title(results)}: accuracy per answer digit")
     if by_size:
         plot_by_size(by_size, run_dir / "accuracy_by_size.png", f"{task_title(results)}: exact match by operand size")
     if "stepwise" in stage_report:

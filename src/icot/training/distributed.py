@@ -31,13 +31,18 @@ def shard(items: Sequence[T]) -> Sequence[T]:
 
 def sum_across(values: Mapping[str, float]) -> dict[str, float]:
     """Every process's ``values`` added key by key (the same keys on every process; a collective call)."""
-    state = process_state()
-    if state.num_processes == 1:
-        return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
-    # float64: counts stay exact and sums of many per-token losses keep their precision.
-    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=state.device)
-    return dict(zip(keys, reduce(local, reduction="sum").tolist()))
+    return dict(zip(keys, sum_tensor_across(torch.tensor([float(values[k]) for k in keys])).tolist()))
+
+
+def sum_tensor_across(values: torch.Tensor) -> torch.Tensor:
+    """Every process's ``values`` (same shape on every process) added elementwise, in float64 on the CPU
+    (a collective call): counts stay exact and sums of many per-token losses keep their precision."""
+    state = process_state()
+    values = values.detach().to(torch.float64)
+    if state.num_processes == 1:
+        return values.cpu()
+    return reduce(values.to(state.device), reduction="sum").cpu()
 
 
 def mean_across(values: Mapping[str, float]) -> dict[str, float]:

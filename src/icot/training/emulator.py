@@ -25,7 +25,7 @@ from icot.training.distill import (
     kd_start,
     paired_batch,
 )
-from icot.training.distributed import shard, sum_across
+from icot.training.distributed import shard, sum_across, sum_tensor_across
 from icot.training.loop import Stage
 
 
@@ -48,6 +48,54 @@ class EmulatorWithTeacher(nn.Module):
             parts["component_loss"] = component_loss(out.component_logits, components)
         loss = parts["state_loss"] + self.mixture_loss_weight * parts.get("component_loss", 0.0)
         return loss, parts
+
+
+class StateFit:
+    """How well predicted teacher states fit the true ones, per layer, accumulated over batches: R² (1: perfect,
+    0: no better than always predicting the mean state).
+
+    ``R²_l = 1 - sum ||ẑ_l - z_l||² / sum ||z_l - mean(z_l)||²``, sums over examples, the mean per dimension over
+    all of them. Under several processes :meth:`r2` adds every process's sums (a collective call).
+
+    Args:
+        n_layers: L.
+        hidden_size: H.
+    """
+
+    def __init__(self, n_layers: int, hidden_size: int):
+        self.shape = (n_layers, hidden_size)
+        self.sum_z = torch.zeros(n_layers, hidden_size, dtype=torch.float64)  # (L, H) sum of z
+        self.sum_sq = torch.zeros(n_layers, dtype=torch.float64)  # (L,) sum of ||z_l||²
+        self.sse = torch.zeros(n_layers, dtype=torch.float64)  # (L,) sum of ||ẑ_l - z_l||²
+        self.n = 0
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Count a batch: ``pred`` ẑ and ``target`` z, both (B, L, H)."""
+        if pred.shape != target.shape or tuple(pred.shape[1:]) != self.shape:
+            raise ValueError(f"states of shapes {tuple(pred.shape)} and {tuple(target.shape)}, expected (B, *{self.shape})")
+        pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
+        self.sum_z += target.sum(0)
+        self.sum_sq += (target ** 2).sum((0, 2))
+        self.sse += ((pred - target) ** 2).sum((0, 2))
+        self.n += target.shape[0]
+
+    def r2(self) -> list[float | None]:
+        """R² per layer; None for a layer whose teacher state is the same for every example (nothing to explain)."""
+        L, H = self.shape
+        flat = torch.cat([self.sum_z.flatten(), self.sum_sq, self.sse, torch.tensor([float(self.n)], dtype=torch.float64)])
+        total = sum_tensor_across(flat)
+        sum_z, sum_sq, sse, n = total[: L * H].view(L, H), total[L * H: L * H + L], total[L * H + L: L * H + 2 * L], total[-1]
+        sst = sum_sq - (sum_z ** 2).sum(1) / n.clamp(min=1)  # (L,) sum ||z_l - mean||²
+        # A constant state leaves only rounding in sst: count it as nothing to explain.
+        scale = sum_sq.clamp(min=1e-30)
+        return [None if s <= 1e-9 * q else float(1 - e / s) for s, e, q in zip(sst.tolist(), sse.tolist(), scale.tolist())]
+
+
+def r2_metrics(r2: list[float | None]) -> dict[str, float]:
+    """``r2`` (the mean over layers with a varying teacher state) and ``r2_layer_<l>`` for each of those layers."""
+    defined = {l: v for l, v in enumerate(r2) if v is not None}
+    mean = sum(defined.values()) / len(defined) if defined else float("nan")
+    return {"r2": mean, **{f"r2_layer_{l}": v for l, v in defined.items()}}
 
 
 class EmulatorStage(Stage):
@@ -79,11 +127,16 @@ class EmulatorStage(Stage):
         """
         device = next(module.parameters()).device
         total, n = 0.0, 0
+        fit = StateFit(module.emulator.n_layers, module.emulator.hidden_size)
         for chunk in chunks(shard(self.valid_items), self.cfg.eval_batch_size):
-            loss, _ = module(to_device(paired_batch(chunk, self.layout.pad_id), device))
+            batch = to_device(paired_batch(chunk, self.layout.pad_id), device)
+            loss, _ = module(batch)
             total, n = total + loss.item() * len(chunk), n + len(chunk)
+            # R² of the states the emulator predicts at inference (its own mixture choices, no teacher forcing).
+            fit.add(module.emulator(batch["input_ids"], batch["attention_mask"], batch["s1"]).states,
+                    module.teacher.states(batch)[0])
         sums = sum_across({"loss": total, "n": n})
-        return {"loss": sums["loss"] / sums["n"], "accuracy": 0.0, "examples": sums["n"]}
+        return {"loss": sums["loss"] / sums["n"], "accuracy": 0.0, "examples": sums["n"], **r2_metrics(fit.r2())}
 
     def save(self, module: nn.Module, path: Path) -> None:
         module.emulator.save_pretrained(path, self.tokenizer, {"teacher_states": self.config.kd.subset}, self.config)
