@@ -125,6 +125,7 @@ def student_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
     from icot.training import stages
 
     out = tmp_path_factory.mktemp("student")
+    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
     stages.run("student", kd_config, out, progress=False, teacher=str(trained_teacher))
     return out
 
@@ -135,6 +136,7 @@ def emulator_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
     from icot.training import stages
 
     out = tmp_path_factory.mktemp("emulator")
+    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
     stages.run("emulator", kd_config, out, progress=False, teacher=str(trained_teacher))
     return out
 

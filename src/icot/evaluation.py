@@ -180,7 +180,10 @@ def evaluate(predictor: Predictor, examples: Sequence[Example], batch_size: int 
     bar = progress_bar(len(examples), f"eval bs={batch_size}", enabled=progress, leave=False)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        answers += [p.answer for p in predictor.predict([ex.input for ex in chunk])]
+        preds = predictor.predict([ex.input for ex in chunk])
+        if len(preds) != len(chunk):
+            raise RuntimeError(f"the predictor answered {len(preds)} of a batch of {len(chunk)} inputs")
+        answers += [p.answer for p in preds]
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start

@@ -31,7 +31,7 @@ from icot.rundir import model_path
 from icot.tokenizer import Layout
 from icot.training.causal_lm import check_fits, chunks, to_device
 from icot.training.distill import FrozenTeacher, paired_batch, paired_items
-from icot.training.emulator import StateFit
+from icot.training.emulator import EmulatorWithTeacher, StateFit
 from icot.training.student import StudentWithTeacher
 
 
@@ -65,7 +65,8 @@ class TeacherStatesPredictor:
         max_new_tokens: decoding budget per example.
 
     Raises:
-        DataFormatError: as :func:`reference_lines`, or for a line too long for the teacher's context.
+        DataFormatError: as :func:`reference_lines`, or for a symbol the vocabulary lacks.
+        ConfigError: ``FILE:LINE`` of a line too long for the teacher's context.
     """
 
     with_cot = False
@@ -74,17 +75,26 @@ class TeacherStatesPredictor:
                  path: str | Path, max_new_tokens: int = 256):
         self.module = StudentWithTeacher(student, teacher)
         self.layout = Layout(teacher.tokenizer)
-        self.references = reference_lines(examples, path)
-        check_fits([it.explicit for it in paired_items(self.layout, examples, str(path))], teacher.lm, str(path))
+        reference_lines(examples, path)
+        # Tokenized once, in both layouts: the teacher reads the explicit one, the student is prompted with the other.
+        items = paired_items(self.layout, examples, str(path))
+        check_fits([it.explicit for it in items], teacher.lm, str(path))
+        self.items = {ex.input: item for ex, item in zip(examples, items)}  # a repeated line: the same item
         self.max_new_tokens = max_new_tokens
         self.context = context_length(student.lm)
 
     @torch.no_grad()
     def predict(self, inputs: Sequence[str]) -> list[Prediction]:
-        """Decode a batch of inputs, each with the teacher's states of its reference CoT."""
+        """Decode a batch of inputs, each with the teacher's states of its reference CoT.
+
+        Raises:
+            KeyError: for an input that is not among the reference lines.
+        """
+        unknown = next((x for x in inputs if x not in self.items), None)
+        if unknown is not None:
+            raise KeyError(f"input {unknown!r} is not among the reference lines: its teacher states are unknown")
         device = next(self.module.student.parameters()).device
-        items = paired_items(self.layout, [self.references[x] for x in inputs], "<test>")
-        batch = to_device(paired_batch(items, self.layout.pad_id), device)
+        batch = to_device(paired_batch([self.items[x] for x in inputs], self.layout.pad_id), device)
         return [Prediction("", a) for a in self.module.answers(batch, self.layout, self.max_new_tokens)]
 
 
@@ -97,11 +107,12 @@ def emulator_fit(emulator: ThoughtEmulator, teacher: FrozenTeacher, examples: Se
     items = paired_items(layout, examples, str(path))
     check_fits([it.explicit for it in items], teacher.lm, str(path))
     device = next(emulator.parameters()).device
+    pair = EmulatorWithTeacher(emulator, teacher, mixture_loss_weight=0.0)
     fit = StateFit(emulator.n_layers, emulator.hidden_size)
     for chunk in chunks(items, batch_size):
-        batch = to_device(paired_batch(chunk, layout.pad_id), device)
-        fit.add(emulator(batch["input_ids"], batch["attention_mask"], batch["s1"]).states, teacher.states(batch)[0])
-    return fit.r2()
+        _, _, z, inferred = pair.scored(to_device(paired_batch(chunk, layout.pad_id), device), inferred=True)
+        fit.add(inferred, z)
+    return fit.r2(across=False)  # this process scored every line: no sum across processes
 
 
 def kd_stage_quality(config: IcotConfig, dirs: dict[str, str | Path], test: Sequence[Example],
@@ -125,7 +136,7 @@ def kd_stage_quality(config: IcotConfig, dirs: dict[str, str | Path], test: Sequ
     test = list(test[: config.eval.limit or None])
     place = {"device": decode_device(config.eval.device), "dtype": getattr(torch, config.eval.dtype)}
     teacher = FrozenTeacher(str(dirs["teacher"]), config.kd).to(**place)
-    student, _ = MindReadingStudent.from_pretrained(model_path(dirs["student"]))
+    student, tokenizer = MindReadingStudent.from_pretrained(model_path(dirs["student"]))
     emulator, _ = ThoughtEmulator.from_pretrained(model_path(dirs["emulator"]))
     student.to(**place).eval()
     emulator.to(**place).eval()
@@ -138,7 +149,7 @@ def kd_stage_quality(config: IcotConfig, dirs: dict[str, str | Path], test: Sequ
     ceiling = scored(TeacherStatesPredictor(student, teacher, test, config.data.test, config.eval.max_new_tokens))
     r2 = emulator_fit(emulator, teacher, test, config.data.test, batch_size)
     pair = ImplicitModel(emulator, student)
-    pair.tokenizer = teacher.tokenizer
+    pair.tokenizer = tokenizer
     before_coupling = scored(ImplicitPredictor(pair, config.eval.max_new_tokens))
     return {"student_with_teacher_states": ceiling, "emulator_r2": r2, "emulator_then_student": before_coupling}
 

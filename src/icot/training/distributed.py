@@ -32,7 +32,8 @@ def shard(items: Sequence[T]) -> Sequence[T]:
 def sum_across(values: Mapping[str, float]) -> dict[str, float]:
     """Every process's ``values`` added key by key (the same keys on every process; a collective call)."""
     keys = sorted(values)
-    return dict(zip(keys, sum_tensor_across(torch.tensor([float(values[k]) for k in keys])).tolist()))
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, sum_tensor_across(local).tolist()))
 
 
 def sum_tensor_across(values: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,14 @@ class EmulatorWithTeacher(nn.Module):
         self.mixture_loss_weight = mixture_loss_weight
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, parts, _, _ = self.scored(batch)
+        return loss, parts
+
+    def scored(self, batch: dict[str, torch.Tensor], inferred: bool = False
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """``(loss, parts, z, ẑ)``: the training loss and its parts, the teacher's states z (B, L, H) and, with
+        ``inferred``, the states the emulator predicts at inference, from its own mixture choices (B, L, H)
+        (the teacher-forced ones when there is no mixture: the same states), else None."""
         z, positions = self.teacher.states(batch)  # (B, L, H), (B, L)
         k = self.emulator.mixture.num_embeddings
         # The component of layer l is the teacher's CoT token at t_l (METHOD.md), folded into K classes.
@@ -47,7 +55,11 @@ class EmulatorWithTeacher(nn.Module):
         if out.component_logits is not None:
             parts["component_loss"] = component_loss(out.component_logits, components)
         loss = parts["state_loss"] + self.mixture_loss_weight * parts.get("component_loss", 0.0)
-        return loss, parts
+        states = None
+        if inferred:
+            states = out.states if components is None else \
+                self.emulator(batch["input_ids"], batch["attention_mask"], batch["s1"]).states
+        return loss, parts, z, states
 
 
 class StateFit:
@@ -55,7 +67,7 @@ class StateFit:
     0: no better than always predicting the mean state).
 
     ``R²_l = 1 - sum ||ẑ_l - z_l||² / sum ||z_l - mean(z_l)||²``, sums over examples, the mean per dimension over
-    all of them. Under several processes :meth:`r2` adds every process's sums (a collective call).
+    all of them. Under several processes, ``r2(across=True)`` adds every process's sums (a collective call).
 
     Args:
         n_layers: L.
@@ -73,17 +85,22 @@ class StateFit:
         """Count a batch: ``pred`` ẑ and ``target`` z, both (B, L, H)."""
         if pred.shape != target.shape or tuple(pred.shape[1:]) != self.shape:
             raise ValueError(f"states of shapes {tuple(pred.shape)} and {tuple(target.shape)}, expected (B, *{self.shape})")
-        pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
+        pred, target = pred.detach().cpu().double(), target.detach().cpu().double()  # float64 on the CPU (MPS has none)
         self.sum_z += target.sum(0)
         self.sum_sq += (target ** 2).sum((0, 2))
         self.sse += ((pred - target) ** 2).sum((0, 2))
         self.n += target.shape[0]
 
-    def r2(self) -> list[float | None]:
-        """R² per layer; None for a layer whose teacher state is the same for every example (nothing to explain)."""
+    def r2(self, across: bool = True) -> list[float | None]:
+        """R² per layer; None for a layer whose teacher state is the same for every example (nothing to explain).
+
+        Args:
+            across: add every process's sums first (a collective call: every process must make it); False when
+                this process alone saw all the examples.
+        """
         L, H = self.shape
         flat = torch.cat([self.sum_z.flatten(), self.sum_sq, self.sse, torch.tensor([float(self.n)], dtype=torch.float64)])
-        total = sum_tensor_across(flat)
+        total = sum_tensor_across(flat) if across else flat
         sum_z, sum_sq, sse, n = total[: L * H].view(L, H), total[L * H: L * H + L], total[L * H + L: L * H + 2 * L], total[-1]
         sst = sum_sq - (sum_z ** 2).sum(1) / n.clamp(min=1)  # (L,) sum ||z_l - mean||²
         # A constant state leaves only rounding in sst: count it as nothing to explain.
@@ -94,8 +111,9 @@ class StateFit:
 def r2_metrics(r2: list[float | None]) -> dict[str, float]:
     """``r2`` (the mean over layers with a varying teacher state) and ``r2_layer_<l>`` for each of those layers."""
     defined = {l: v for l, v in enumerate(r2) if v is not None}
-    mean = sum(defined.values()) / len(defined) if defined else float("nan")
-    return {"r2": mean, **{f"r2_layer_{l}": v for l, v in defined.items()}}
+    if not defined:  # no layer to score: nothing rather than a NaN in metrics.jsonl
+        return {}
+    return {"r2": sum(defined.values()) / len(defined), **{f"r2_layer_{l}": v for l, v in defined.items()}}
 
 
 class EmulatorStage(Stage):
@@ -121,7 +139,9 @@ class EmulatorStage(Stage):
         return loss, {k: v.item() for k, v in parts.items()}
 
     def validate(self, module: nn.Module) -> dict[str, float]:
-        """Mean validation loss; the emulator answers nothing on its own, so ``accuracy`` is 0.
+        """Mean validation loss, and the R² per layer of the states the emulator predicts at inference against the
+        teacher's (``r2``, ``r2_layer_<l>``: :class:`StateFit`); the emulator answers nothing on its own, so
+        ``accuracy`` is 0.
 
         Each process scores its own shard of the items (see :mod:`icot.training.distributed`).
         """
@@ -129,12 +149,9 @@ class EmulatorStage(Stage):
         total, n = 0.0, 0
         fit = StateFit(module.emulator.n_layers, module.emulator.hidden_size)
         for chunk in chunks(shard(self.valid_items), self.cfg.eval_batch_size):
-            batch = to_device(paired_batch(chunk, self.layout.pad_id), device)
-            loss, _ = module(batch)
+            loss, _, z, inferred = module.scored(to_device(paired_batch(chunk, self.layout.pad_id), device), inferred=True)
             total, n = total + loss.item() * len(chunk), n + len(chunk)
-            # R² of the states the emulator predicts at inference (its own mixture choices, no teacher forcing).
-            fit.add(module.emulator(batch["input_ids"], batch["attention_mask"], batch["s1"]).states,
-                    module.teacher.states(batch)[0])
+            fit.add(inferred, z)  # R² of what the emulator predicts at inference
         sums = sum_across({"loss": total, "n": n})
         return {"loss": sums["loss"] / sums["n"], "accuracy": 0.0, "examples": sums["n"], **r2_metrics(fit.r2())}
 
