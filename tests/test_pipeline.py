@@ -108,6 +108,8 @@ def test_results_markdown_ratio_to_nocot():
                "stages": {}, "test": "t.txt", "seed": 0, "commit": "abc", "machine": {"cpu_count": 2, "device": "cpu"}}
     table = results_markdown(results)
     assert "| icot-kd | 100.0% | 40.0 | 1 | 0.80x |" in table
+    alone = results_markdown({**results, "rows": results["rows"][1:]})  # no no-CoT row to compare with
+    assert "| icot-kd | 100.0% | 40.0 | 1 | - |" in alone
     assert "Time:" not in table and "weights" not in table  # results written before those fields existed
 
     results.update(eval_seconds=120.0, compute_seconds=720.0, wall_seconds=300.0,

@@ -412,9 +412,10 @@ def results_markdown(results: dict[str, Any]) -> str:
              f"{_dtype_note(results['machine'].get('dtype', 'float32'))}.", "",
              "| method | accuracy | examples/s | batch size | speed vs no-CoT |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        ratio = r["examples_per_second"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
+        # '-' where no no-CoT row was scored at this batch size
+        ratio = f"{r['examples_per_second'] / base[r['batch_size']]:.2f}x" if r["batch_size"] in base else "-"
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['examples_per_second']:.1f} | "
-                     f"{r['batch_size']} | {ratio:.2f}x |")
+                     f"{r['batch_size']} | {ratio} |")
     lines += ["", "| stage | wall time (min) | optimizer steps | training examples | stopped by | kept model (validation) |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name, s in results["stages"].items():
@@ -513,6 +514,8 @@ def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (by_removed, by_examples) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, (label, metrics) in enumerate(curves.items()):
         vals = stepwise_validations(metrics)
@@ -522,7 +525,9 @@ def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-
             ax.plot(x, [100 * v["val_token_accuracy"] for v in vals], ":", color=color, label=f"{label}: token accuracy")
     by_removed.set_xlabel("CoT tokens removed (schedule)")
     by_examples.set_xlabel("training examples seen")
-    by_examples.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")  # 800000 -> 800k: no overlap
+    # 800000 -> 800k, 1500000 -> 1.5M, at most 6 ticks: labels that do not run into each other
+    by_examples.xaxis.set_major_locator(MaxNLocator(6))
+    by_examples.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1000:g}k" if x else "0")
     by_removed.set_ylabel("validation accuracy (%), format of that step")
     for ax in (by_removed, by_examples):
         ax.set_ylim(-5, 105)
