@@ -85,26 +85,26 @@ def session_config(session_data) -> IcotConfig:
     return load_config(None, overrides)
 
 
+def _trained(name: str, config: IcotConfig, tmp_path_factory, **dirs: Path) -> Path:
+    """Stage ``name`` trained into a fresh directory, reading the stage directories ``dirs``."""
+    from icot.training import stages
+
+    out = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
+    stages.run(name, config, out, progress=False, **{k: str(v) for k, v in dirs.items()})
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_teacher(session_config, tmp_path_factory) -> Path:
     """A teacher stage directory trained for 200 steps (shared by the tests that only read it)."""
-    from icot.training import stages
-
-    out = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
-    stages.run("teacher", session_config, out, progress=False)
-    return out
+    return _trained("teacher", session_config, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def trained_nocot(session_config, tmp_path_factory) -> Path:
     """A no-CoT stage directory trained for 200 steps."""
-    from icot.training import stages
-
-    out = tmp_path_factory.mktemp("nocot")
-    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
-    stages.run("nocot", session_config, out, progress=False)
-    return out
+    return _trained("nocot", session_config, tmp_path_factory)
 
 
 KD_SECTION = {"batch_size": 16, "lr": 1e-3, "max_steps": 6, "eval_every": 0, "eval_examples": 8,
@@ -122,23 +122,13 @@ def kd_config(session_config) -> IcotConfig:
 @pytest.fixture(scope="session")
 def student_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
     """A student stage directory (6 steps against ``trained_teacher``)."""
-    from icot.training import stages
-
-    out = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
-    stages.run("student", kd_config, out, progress=False, teacher=str(trained_teacher))
-    return out
+    return _trained("student", kd_config, tmp_path_factory, teacher=trained_teacher)
 
 
 @pytest.fixture(scope="session")
 def emulator_dir(kd_config, trained_teacher, tmp_path_factory) -> Path:
     """An emulator stage directory (6 steps against ``trained_teacher``)."""
-    from icot.training import stages
-
-    out = tmp_path_factory.mktemp("emulator")
-    torch.manual_seed(0)  # the from-scratch model is drawn from the global RNG: same model whatever ran before
-    stages.run("emulator", kd_config, out, progress=False, teacher=str(trained_teacher))
-    return out
+    return _trained("emulator", kd_config, tmp_path_factory, teacher=trained_teacher)
 
 
 def _never_eos(model, token_id: int) -> None:

@@ -290,7 +290,21 @@ def test_kd_stages_are_not_measured_on_a_test_file_without_cot(tiny_config, tmp_
     test.write_text("1 2 * 3 4||3 6 0 #### 3 6 0 0\n5 6 * 7 8|| #### 5 3 0 4\n")
     config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, test=str(test)))
     assert kd_stages(config, tmp_path / "run", progress=False) == {
-        "skipped": f"{test}:2 has no CoT, and the student's ceiling reads the teacher's states of it"}
+        "skipped": f"{test}:2: no CoT, and the student's ceiling reads the teacher's states of it"}
+
+
+def test_kd_stages_are_not_measured_when_the_teacher_cannot_read_the_test_cot(kd_config, trained_teacher, student_dir,
+                                                                               emulator_dir, tmp_path):
+    """A 4x4 test file for 2x2 models (as the smoke config runs): its CoT has symbols the vocabulary lacks. The
+    methods' rows never read it, so the pipeline reports the stage table as not measured instead of failing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, directory in (("teacher", trained_teacher), ("student", student_dir), ("emulator", emulator_dir)):
+        (run / name).symlink_to(directory)
+    config = dataclasses.replace(kd_config, data=dataclasses.replace(kd_config.data, test=str(
+        SHARED / "data" / "mult" / "4x4" / "valid.txt")))
+    kd = kd_stages(config, run, progress=False)
+    assert "valid.txt:1" in kd["skipped"] and "vocabulary" in kd["skipped"]
 
 
 def test_results_markdown_probe_table_without_a_cot_probe():

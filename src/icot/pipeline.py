@@ -230,15 +230,19 @@ def evaluate_methods(config: IcotConfig, run_dir: Path, progress: bool = True
 
 def kd_stages(config: IcotConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
     """ICoT-KD stage by stage on the test file (:func:`icot.kd_quality.kd_stage_quality`), or ``{"skipped": why}``
-    when a test line has no CoT for the teacher to read."""
+    when the teacher cannot read the test lines' CoT: a line without one, a symbol its vocabulary lacks (a test
+    file of another task than trained), a line longer than its context. The methods' rows do not need it."""
     test = read_examples(config.data.test, allow_empty_cot=True)
     missing = next((line for line, ex in enumerate(test[: config.eval.limit or None], start=1) if not ex.cot), None)
-    if missing is not None:
-        why = f"{config.data.test}:{missing} has no CoT, and the student's ceiling reads the teacher's states of it"
-        print(f"[icot] ICoT-KD stage by stage: not measured ({why})")
-        return {"skipped": why}
     dirs = {name: run_dir / stages.spec(name).directory for name in ("teacher", "student", "emulator")}
-    kd = kd_stage_quality(config, dirs, test, progress)
+    try:
+        if missing is not None:
+            raise DataFormatError("no CoT, and the student's ceiling reads the teacher's states of it",
+                                  config.data.test, missing)
+        kd = kd_stage_quality(config, dirs, test, progress)
+    except (DataFormatError, ConfigError) as e:
+        print(f"[icot] ICoT-KD stage by stage: not measured ({e})")
+        return {"skipped": str(e)}
     r2 = " ".join("-" if v is None else f"{v:.2f}" for v in kd["emulator_r2"])
     print(f"[icot] ICoT-KD stage by stage: student on the teacher's states "
           f"{100 * kd['student_with_teacher_states']['accuracy']:.1f}%, emulator R² per layer {r2}, "
@@ -367,6 +371,15 @@ def _probe_table(probes: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _save(fig, path: str | Path) -> None:
+    """Write a figure as PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Exact match against operand size, one line per method."""
     import matplotlib
@@ -387,9 +400,7 @@ def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def task_title(results: dict[str, Any]) -> str:
@@ -456,9 +467,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{task_title(results)}: accuracy against speed")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def digit_curves(results: dict[str, Any]) -> dict[str, list[float]]:
@@ -495,9 +504,7 @@ def plot_digits(curves: dict[str, list[float]], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def stepwise_validations(metrics_path: str | Path) -> list[dict[str, Any]]:
@@ -534,9 +541,7 @@ def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-
         ax.grid(True, alpha=0.3)
     by_examples.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
