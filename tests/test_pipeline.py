@@ -290,7 +290,7 @@ def test_kd_stages_are_not_measured_on_a_test_file_without_cot(tiny_config, tmp_
     test.write_text("1 2 * 3 4||3 6 0 #### 3 6 0 0\n5 6 * 7 8|| #### 5 3 0 4\n")
     config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, test=str(test)))
     assert kd_stages(config, tmp_path / "run", progress=False) == {
-        "skipped": f"{test}:2: no CoT, and the student's ceiling reads the teacher's states of it"}
+        "skipped": f"{test}:2: no CoT: the student's ceiling reads the teacher's states of the reference CoT"}
 
 
 def test_kd_stages_are_not_measured_when_the_teacher_cannot_read_the_test_cot(kd_config, trained_teacher, student_dir,

@@ -131,9 +131,12 @@ def kd_stage_quality(config: IcotConfig, dirs: dict[str, str | Path], test: Sequ
         each ``E`` is ``{"accuracy", "digit_accuracy", "n"}``.
 
     Raises:
-        DataFormatError: naming the test file and line of a line without a CoT (see :func:`reference_lines`).
+        DataFormatError: naming the test file and line of a line without a CoT (see :func:`reference_lines`), or
+            of a symbol the teacher's vocabulary lacks.
+        ConfigError: ``FILE:LINE`` of a line too long for the teacher's context.
     """
     test = list(test[: config.eval.limit or None])
+    reference_lines(test, config.data.test)  # before any model loads: a line without a CoT fails at once
     place = {"device": decode_device(config.eval.device), "dtype": getattr(torch, config.eval.dtype)}
     teacher = FrozenTeacher(str(dirs["teacher"]), config.kd).to(**place)
     student, tokenizer = MindReadingStudent.from_pretrained(model_path(dirs["student"]))
