@@ -305,6 +305,7 @@ def test_infinity_is_a_number():
     ({"teacher": {"lr": None}}, "field 'teacher.lr': expected a number, got None"),
     ({"teacher": 3}, "field 'teacher': expected a mapping, got 3"),
     ({"data": {"generate": {"digits": 0}}}, "field 'data.generate.digits': must be > 0"),
+    (["--emulator.patience", "-1"], "field 'emulator.patience': must be >= 0"),
     ({"data": {"max_train_examples": 2.5}}, "field 'data.max_train_examples': expected an integer or null, got 2.5"),
     ({"teacher": {"compile": 1}}, "field 'teacher.compile': expected true or false, got 1"),
     (["--teacher.compile", "1"], "field 'teacher.compile': expected true or false, got 1"),

@@ -322,6 +322,51 @@ def test_time_budget_stops_early(tiny_config, tmp_path):
     assert stage_is_done(tmp_path) and (tmp_path / "best" / "weights.pt").is_file()
 
 
+class ScriptedStage(ToyStage):
+    """A toy stage whose validations return the scripted ``(loss, eligible)`` in turn, from index ``first``."""
+
+    def __init__(self, script, first: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.script, self.next = script, first
+
+    def validate(self, module):
+        loss, eligible = self.script[self.next]
+        self.next += 1
+        return {"loss": loss, "accuracy": 0.0, "eligible": eligible}
+
+
+# Validations at steps 4, 8, ...: the kept model improves at 8 (loss 2.0), at 12 only by a loss not yet
+# eligible for keeping, then no more; with patience 3 the run stops at the third stale validation, step 24.
+SCRIPT = [(3.0, True), (2.0, True), (1.0, False), (2.5, True), (2.0, True), (2.1, True), (0.5, True)]
+
+
+def test_patience_stops_after_that_many_stale_validations(tiny_config, tmp_path):
+    cfg = _toy_cfg(tiny_config, max_steps=40, patience=3)
+    result = train_stage(ScriptedStage(SCRIPT), cfg, tmp_path, tiny_config, progress=False)
+    assert (result["steps"], result["stopped_by"]) == (24, "patience")
+    assert result["best"]["step"] == 8 and result["best"]["loss"] == 2.0
+    validate = _events(tmp_path, "validate")
+    # No validation of its own after the stop: the last one was at the stopping step.
+    assert [e["step"] for e in validate] == [4, 8, 12, 16, 20, 24]
+    assert [e["improved"] for e in validate] == [True, True, False, False, False, False]
+    assert read_meta(tmp_path)["stopped_by"] == "patience"
+
+
+def test_patience_zero_trains_the_whole_budget(tiny_config, tmp_path):
+    result = train_stage(ScriptedStage(SCRIPT), _toy_cfg(tiny_config, max_steps=28), tmp_path, tiny_config,
+                         progress=False)
+    assert (result["steps"], result["stopped_by"]) == (28, "max_steps")
+
+
+def test_patience_count_survives_resume(tiny_config, tmp_path):
+    cfg = _toy_cfg(tiny_config, max_steps=40, patience=3, save_every=16)
+    with pytest.raises(RuntimeError, match="killed"):  # after the checkpoint at step 16 (one stale validation)
+        train_stage(ScriptedStage(SCRIPT, fail_at_call=18), cfg, tmp_path, tiny_config, progress=False)
+    result = train_stage(ScriptedStage(SCRIPT, first=4), cfg, tmp_path, tiny_config, progress=False, resume=True)
+    # Counting afresh from the checkpoint would have gone past step 24 (to the improvement at 28).
+    assert (result["steps"], result["stopped_by"]) == (24, "patience")
+
+
 def test_linear_warmup_then_constant(tiny_config, tmp_path):
     cfg = _toy_cfg(tiny_config, warmup_steps=4, log_every=1, max_steps=8, eval_every=0)
     train_stage(ToyStage(), cfg, tmp_path, tiny_config, progress=False)

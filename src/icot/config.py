@@ -125,6 +125,9 @@ class TrainConfig:
         epochs: passes over the training data (fractions allowed).
         max_steps: stop after this many optimizer steps (0: no limit besides epochs).
         max_minutes: stop after this much wall time (0: no limit); validation runs before stopping.
+        patience: stop once this many validations in a row have not improved the kept model (0: never):
+            train a stage until its validation score stops rising (the emulator's state error, say)
+            instead of guessing its budget. Validations not yet eligible for keeping do not count.
         batch_size: examples per optimizer step across all processes (the global batch).
         grad_accum: micro-batches accumulated into one optimizer step.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW and its warm-up (linear).
@@ -152,6 +155,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0
     max_minutes: float = 0.0
+    patience: int = 0
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-5
@@ -176,6 +180,7 @@ class TrainConfig:
         _check(0 < self.epochs < math.inf, f"{section}.epochs", "must be > 0 and finite")
         _check(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
         _check(self.max_minutes >= 0, f"{section}.max_minutes", "must be >= 0")
+        _check(self.patience >= 0, f"{section}.patience", "must be >= 0")
         _check(self.batch_size > 0, f"{section}.batch_size", "must be > 0")
         _check(self.grad_accum > 0, f"{section}.grad_accum", "must be > 0")
         _check(self.batch_size % self.grad_accum == 0, f"{section}.batch_size",

@@ -75,7 +75,7 @@ from icot.training.signals import StopSignals
 # not what a step computes. The neutral fields (config.NEUTRAL_FIELDS: logging, saving, trackers) may change
 # anywhere; any other change in the sections the stage depends on, or in the stage directories it reads,
 # is refused.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "eval_examples", "eval_batch_size")
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size")
 
 
 class Stage:
@@ -184,7 +184,8 @@ class _Position:
     """Where a run stands: saved in checkpoints (``trainer_state.json``), restored on resume.
 
     ``batches_in_epoch`` counts this process's micro-batches of the current epoch; ``running`` holds the
-    losses of the micro-batches since the last train log; ``metrics_lines`` is the length of metrics.jsonl.
+    losses of the micro-batches since the last train log; ``metrics_lines`` is the length of metrics.jsonl;
+    ``stale`` counts the eligible validations in a row that did not improve the kept model.
     """
 
     step: int = 0
@@ -196,6 +197,7 @@ class _Position:
     running: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     metrics_lines: int = 0
+    stale: int = 0
 
 
 # Accelerate setups that shard the model and that icot does not run: the loop saves, validates and decodes
@@ -318,7 +320,8 @@ class _Trainer:
         self.progress = progress
         self._identity: dict[str, Any] | None = None
         self.done, self.at_boundary, self.extra, self.changed = False, True, {}, {}
-        self.stopped_by = ""  # which budget ended the run: max_steps, epochs or max_minutes
+        self.stopped_by = ""  # what ended the run: max_steps, epochs, max_minutes or patience
+        self.validated_at = -1  # the step of this process's last validation
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -444,7 +447,8 @@ class _Trainer:
                 self.module.train()
                 while not self.done:
                     self._epoch(stop)
-                self._validate_and_keep()
+                if self.validated_at != self.position.step:  # patience stops right after a validation
+                    self._validate_and_keep()
         finally:
             self.bar.close()
         return self._finish()
@@ -501,6 +505,9 @@ class _Trainer:
             return
         if cfg.eval_every and p.step % cfg.eval_every == 0:
             self._validate_and_keep()
+            if cfg.patience and p.stale >= cfg.patience:
+                self.done, self.stopped_by = True, "patience"
+                return
         if signum or (cfg.save_every and p.step % cfg.save_every == 0):
             path = self._save_checkpoint()
             if signum:
@@ -542,6 +549,9 @@ class _Trainer:
         unwrapped.train()
         eligible = bool(metrics.get("eligible", True))
         improved = eligible and (p.best is None or _score(metrics) > _score(p.best))
+        if eligible:
+            p.stale = 0 if improved else p.stale + 1
+        self.validated_at = p.step
         if improved:
             p.best = {**metrics, "step": p.step}
             save = functools.partial(self.stage.save, unwrapped)
@@ -599,7 +609,7 @@ def train_stage(stage: Stage, cfg: TrainConfig, out_dir: str | Path, run_config:
 
     Returns:
         ``{"steps", "examples", "seconds", "best": metrics of the kept model, "stopped_by": "max_steps" |
-        "epochs" | "max_minutes"}``.
+        "epochs" | "max_minutes" | "patience"}``.
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
