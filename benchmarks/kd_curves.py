@@ -1,0 +1,117 @@
+"""ICoT-KD candidates side by side: each stage's validation curve against examples seen.
+
+Each ``--run LABEL=DIR`` names a pipeline output directory (or any directory holding ``student/``,
+``emulator/``, ``couple/`` and optionally ``nocot/`` stage directories); stages a run has not reached
+are left out. The plot has three panels: the student reading the teacher's states (its exact match is
+ICoT-KD's ceiling), the emulator's R² against the teacher states, and the coupled model beside the
+no-CoT model (exact match solid, token accuracy dotted). The printed table, also written as JSON beside
+the plot, gives each stage's best validation and its examples.
+
+    python benchmarks/kd_curves.py --run 4L256d=runs/si-3x3 --out results/kd-candidates/3x3.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from icot.pipeline import _save
+
+STAGES = ("student", "emulator", "couple", "nocot")
+
+
+def validations(stage_dir: Path) -> list[dict[str, Any]]:
+    """The validation records of a stage directory's metrics.jsonl, in order ([] when it has none)."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "validate"]
+
+
+def best(vals: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The validation with the highest ``key`` (the earliest of ties), or None."""
+    scored = [v for v in vals if key in v]
+    return max(scored, key=lambda v: (v[key], -v["step"])) if scored else None
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """Per stage: validations, examples seen, best exact match (R² for the emulator) and where."""
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        vals = validations(run_dir / stage)
+        if not vals:
+            continue
+        key = "val_r2" if stage == "emulator" else "val_accuracy"
+        top = best(vals, key)
+        out[stage] = {"validations": len(vals), "examples": vals[-1]["examples"], "best_" + key: top[key],
+                      "best_at_examples": top["examples"], "last_token_accuracy": vals[-1].get("val_token_accuracy")}
+    return out
+
+
+def plot(runs: dict[str, Path], path: Path) -> None:
+    """Three panels (student, emulator, couple with no-CoT) against examples seen; one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (student, emulator, couple) = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (label, run_dir) in enumerate(runs.items()):
+        colour = f"C{i}"
+        for ax, stage, style in ((student, "student", "-"), (couple, "couple", "-"), (couple, "nocot", "--")):
+            vals = validations(run_dir / stage)
+            if not vals:
+                continue
+            x = [v["examples"] for v in vals]
+            name = label if stage != "nocot" else f"{label} no-CoT"
+            ax.plot(x, [v["val_accuracy"] for v in vals], style, color=colour, label=f"{name} exact")
+            if "val_token_accuracy" in vals[0]:
+                ax.plot(x, [v["val_token_accuracy"] for v in vals], ":", color=colour, alpha=0.7)
+        vals = [v for v in validations(run_dir / "emulator") if "val_r2" in v]
+        if vals:
+            x = [v["examples"] for v in vals]
+            emulator.plot(x, [v["val_r2"] for v in vals], "-", color=colour, label=f"{label} mean")
+            layers = sorted(k for k in vals[0] if k.startswith("val_r2_layer_"))
+            for k in layers:
+                emulator.plot(x, [v.get(k) for v in vals], ":", color=colour, alpha=0.5)
+    titles = ("student on teacher states (ceiling)", "emulator R² (dotted: per layer)",
+              "coupled model (dashed: no-CoT)")
+    for ax, title in zip((student, emulator, couple), titles):
+        ax.set_title(title)
+        ax.set_xlabel("training examples")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    student.set_ylabel("dev exact match (dotted: token accuracy)")
+    _save(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                    help="a label and a directory holding the KD stage directories (repeatable)")
+    ap.add_argument("--out", required=True, help="PNG to write (a JSON summary goes beside it)")
+    args = ap.parse_args()
+    runs = {}
+    for spec in args.run:
+        label, sep, directory = spec.partition("=")
+        if not sep or not Path(directory).is_dir():
+            raise SystemExit(f"--run {spec!r}: expected LABEL=DIR with DIR an existing directory")
+        runs[label] = Path(directory)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, out)
+    table = {label: summary(d) for label, d in runs.items()}
+    out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    for label, stages in table.items():
+        for stage, s in stages.items():
+            print(f"{label:>12} {stage:>8}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in s.items()))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
