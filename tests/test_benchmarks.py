@@ -24,6 +24,7 @@ probe = _script("probe_teacher_states")
 profile = _script("profile_paths")
 train_speed = _script("train_speed")
 si_curves = _script("si_curves")
+kd_curves = _script("kd_curves")
 
 
 @pytest.mark.parametrize("hidden", [0, 32])
@@ -108,3 +109,24 @@ def test_si_summary_splits_the_schedule_at_the_cot_s_end(tmp_path):
     row = si_curves.summary(metrics)
     assert row["best_exact_with_cot_left"] == 0.5 and row["best_exact_cot_gone"] == 0.75
     assert row["steps"] == 4 and row["cot_removed"] == 3.0 and row["validations"] == 4
+
+
+def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_path):
+    def write(stage, records):
+        (tmp_path / stage).mkdir()
+        lines = [{"event": "train", "step": 1, "examples": 32, "loss": 1.0}] + [
+            {"event": "validate", "step": s, "examples": 32 * s, **r} for s, r in records]
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    write("student", [(10, {"val_accuracy": 0.25, "val_token_accuracy": 0.6}),
+                      (20, {"val_accuracy": 0.5, "val_token_accuracy": 0.7}),
+                      (30, {"val_accuracy": 0.5, "val_token_accuracy": 0.8})])
+    write("emulator", [(10, {"val_accuracy": 0.0, "val_r2": 0.75}), (20, {"val_accuracy": 0.0, "val_r2": 0.5})])
+    table = kd_curves.summary(tmp_path)
+    assert set(table) == {"student", "emulator"}  # couple and no-CoT not reached
+    # The earliest of tied bests; the emulator is ranked by R², not by its constant 0 exact match.
+    assert table["student"] == {"validations": 3, "examples": 960, "best_val_accuracy": 0.5,
+                                "best_at_examples": 640, "last_token_accuracy": 0.8}
+    assert table["emulator"]["best_val_r2"] == 0.75 and table["emulator"]["best_at_examples"] == 320
+    kd_curves.plot({"run": tmp_path}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
