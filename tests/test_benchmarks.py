@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ profile = _script("profile_paths")
 train_speed = _script("train_speed")
 si_curves = _script("si_curves")
 kd_curves = _script("kd_curves")
+kd_ceiling = _script("kd_ceiling")
 
 
 @pytest.mark.parametrize("hidden", [0, 32])
@@ -130,3 +132,19 @@ def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_pat
     assert table["emulator"]["best_val_r2"] == 0.75 and table["emulator"]["best_at_examples"] == 320
     kd_curves.plot({"run": tmp_path}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, student_dir, emulator_dir, monkeypatch,
+                                              capsys):
+    from icot.data import read_examples
+    from icot.kd_quality import kd_stage_quality
+
+    config = dataclasses.replace(kd_config, eval=dataclasses.replace(kd_config.eval, batched_size=7))
+    dirs = {"teacher": trained_teacher, "student": student_dir, "emulator": emulator_dir}
+    expected = kd_stage_quality(config, dirs, read_examples(config.data.test), progress=False)
+    monkeypatch.setattr("sys.argv", ["kd_ceiling", "--teacher", str(trained_teacher), "--student", str(student_dir),
+                                     "--test", config.data.test, "--batch-size", "5"])
+    kd_ceiling.main()
+    got, ceiling = json.loads(capsys.readouterr().out), expected["student_with_teacher_states"]
+    assert got["n"] == ceiling["n"] and got["accuracy"] == pytest.approx(ceiling["accuracy"])
+    assert got["digit_accuracy"] == pytest.approx(ceiling["digit_accuracy"])
