@@ -17,18 +17,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from icot.pipeline import _save
+from icot.pipeline import save_figure, validations
 
 STAGES = ("student", "emulator", "couple", "nocot")
 
 
-def validations(stage_dir: Path) -> list[dict[str, Any]]:
-    """The validation records of a stage directory's metrics.jsonl, in order ([] when it has none)."""
+def stage_validations(stage_dir: Path) -> list[dict[str, Any]]:
+    """The validation records of a stage directory's metrics.jsonl, in order ([] for a stage not reached)."""
     path = stage_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == "validate"]
+    return validations(path) if path.is_file() else []
 
 
 def best(vals: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
@@ -41,7 +38,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """Per stage: validations, examples seen, best exact match (R² for the emulator) and where."""
     out: dict[str, Any] = {}
     for stage in STAGES:
-        vals = validations(run_dir / stage)
+        vals = stage_validations(run_dir / stage)
         if not vals:
             continue
         key = "val_r2" if stage == "emulator" else "val_accuracy"
@@ -62,7 +59,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     for i, (label, run_dir) in enumerate(runs.items()):
         colour = f"C{i}"
         for ax, stage, style in ((student, "student", "-"), (couple, "couple", "-"), (couple, "nocot", "--")):
-            vals = validations(run_dir / stage)
+            vals = stage_validations(run_dir / stage)
             if not vals:
                 continue
             x = [v["examples"] for v in vals]
@@ -70,7 +67,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
             ax.plot(x, [v["val_accuracy"] for v in vals], style, color=colour, label=f"{name} exact")
             if "val_token_accuracy" in vals[0]:
                 ax.plot(x, [v["val_token_accuracy"] for v in vals], ":", color=colour, alpha=0.7)
-        vals = [v for v in validations(run_dir / "emulator") if "val_r2" in v]
+        vals = [v for v in stage_validations(run_dir / "emulator") if "val_r2" in v]
         if vals:
             x = [v["examples"] for v in vals]
             emulator.plot(x, [v["val_r2"] for v in vals], "-", color=colour, label=f"{label} mean")
@@ -86,7 +83,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     student.set_ylabel("dev exact match (dotted: token accuracy)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -367,7 +367,7 @@ def _probe_table(probes: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     """Write a figure as PNG and free it."""
     import matplotlib.pyplot as plt
 
@@ -396,7 +396,7 @@ def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def task_title(results: dict[str, Any]) -> str:
@@ -463,7 +463,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{task_title(results)}: accuracy against speed")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def digit_curves(results: dict[str, Any]) -> dict[str, list[float]]:
@@ -500,13 +500,18 @@ def plot_digits(curves: dict[str, list[float]], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def validations(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The validation records of a stage's metrics.jsonl, in order."""
+    lines = Path(metrics_path).read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "validate"]
 
 
 def stepwise_validations(metrics_path: str | Path) -> list[dict[str, Any]]:
-    """The validation records of a stepwise stage's metrics.jsonl, in order."""
-    lines = Path(metrics_path).read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == "validate" and "val_cot_removed" in r]
+    """The validation records of a stepwise stage's metrics.jsonl (those that say the CoT removed), in order."""
+    return [r for r in validations(metrics_path) if "val_cot_removed" in r]
 
 
 def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-SI") -> None:
@@ -537,7 +542,7 @@ def plot_stepwise(curves: dict[str, str | Path], path: Path, title: str = "ICoT-
         ax.grid(True, alpha=0.3)
     by_examples.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def run_pipeline(config: IcotConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:

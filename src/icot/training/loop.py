@@ -321,7 +321,6 @@ class _Trainer:
         self._identity: dict[str, Any] | None = None
         self.done, self.at_boundary, self.extra, self.changed = False, True, {}, {}
         self.stopped_by = ""  # what ended the run: max_steps, epochs, max_minutes or patience
-        self.validated_at = -1  # the step of this process's last validation
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -447,7 +446,7 @@ class _Trainer:
                 self.module.train()
                 while not self.done:
                     self._epoch(stop)
-                if self.validated_at != self.position.step:  # patience stops right after a validation
+                if self.stopped_by != "patience":  # patience stops right after a validation
                     self._validate_and_keep()
         finally:
             self.bar.close()
@@ -551,7 +550,6 @@ class _Trainer:
         improved = eligible and (p.best is None or _score(metrics) > _score(p.best))
         if eligible:
             p.stale = 0 if improved else p.stale + 1
-        self.validated_at = p.step
         if improved:
             p.best = {**metrics, "step": p.step}
             save = functools.partial(self.stage.save, unwrapped)
