@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 from icot.data.multiplication import generate_examples
-from icot.errors import ConfigError
+from icot.errors import ConfigError, TrainingInterrupted
 from icot.evaluation import load_predictor
 from icot.rundir import model_path, read_meta
 from icot.training import stages
@@ -278,3 +280,110 @@ def test_keep_position_needs_one_cot_length(si_config, tmp_path):
                            keep_position=True)
     with pytest.raises(ConfigError, match="one length"):
         stages.build("stepwise", config)
+
+
+def _passing_gate(stage):
+    """Report every validation with CoT left as passing the gate (a tiny model answers nothing right)."""
+    validate = stage.validate
+    stage.validate = lambda module: {**(m := validate(module)), "accuracy": 1.0 - m["eligible"]}
+    return stage
+
+
+def gated(config, **si):
+    """``config`` with the gate of ``si.advance_at`` on: one token every 4 steps at the slowest."""
+    return with_schedule(config, steps_per_epoch=8, remove_per_epoch=2, advance_at=0.9, **si)
+
+
+def test_gate_removes_the_next_token_at_a_good_validation(si_config):
+    stage = stages.build("stepwise", gated(si_config))
+    assert stage.increments == [4, 8, 12, 16, 20, 24, 28, 32]  # the fixed schedule until a validation passes
+    stage.after_validation(2, {"accuracy": 0.5})
+    assert stage.increments[0] == 4  # below the gate: nothing moves
+    stage.after_validation(2, {"accuracy": 0.95})
+    # The next token goes at step 2, the later ones keep the pace of 4 from there.
+    assert stage.increments == [2, 6, 10, 14, 18, 22, 26, 30]
+    assert [stage.removal_at(s) for s in range(8)] == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert [s for s in range(12) if stage.begin_step(s)] == [2, 6, 10]  # the optimizer resets follow
+    stage.after_validation(7, {"accuracy": 1.0})  # one token removed since step 6
+    assert stage.increments[:3] == [2, 6, 7] and stage.cot_gone_at() == 27
+
+
+def test_gate_waits_min_steps_and_stops_once_the_cot_is_gone(si_config):
+    stage = stages.build("stepwise", gated(si_config, min_steps_per_token=3))
+    stage.after_validation(2, {"accuracy": 1.0})
+    assert stage.increments[0] == 4  # 2 steps since the start < 3
+    stage.after_validation(3, {"accuracy": 1.0})
+    assert stage.increments[:2] == [3, 7]
+    stage.after_validation(5, {"accuracy": 1.0})  # token 1 started at step 3: 2 steps < 3
+    assert stage.increments[1] == 7
+    gone = list(stage.increments)
+    stage.after_validation(40, {"accuracy": 1.0})  # the whole CoT went at step 31: nothing left to gate
+    assert stage.increments == gone
+
+
+def test_gate_off_keeps_the_fixed_schedule(si_config):
+    stage = stages.build("stepwise", with_schedule(si_config, steps_per_epoch=8, remove_per_epoch=2))
+    stage.after_validation(2, {"accuracy": 1.0})
+    assert stage.increments == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def test_gate_needs_validations(si_config):
+    config = gated(si_config)
+    config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, eval_every=0))
+    with pytest.raises(ConfigError, match="si.advance_at"):
+        stages.build("stepwise", config)
+
+
+def test_gate_state_round_trips(si_config):
+    stage = stages.build("stepwise", gated(si_config))
+    stage.after_validation(2, {"accuracy": 1.0})
+    fresh = stages.build("stepwise", gated(si_config))
+    fresh.load_state(json.loads(json.dumps(stage.state())))
+    assert fresh.increments == stage.increments and fresh.reset_steps == stage.reset_steps
+    assert [fresh.removal_at(s) for s in range(40)] == [stage.removal_at(s) for s in range(40)]
+
+
+def test_gated_training_removes_sooner_and_logs_it(si_config, tmp_path):
+    config = with_schedule(si_config, steps_per_epoch=24, remove_per_epoch=2, advance_at=0.5)
+    config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=97, log_every=1))
+    stage = stages.build("stepwise", config)
+    assert stage.increments[0] == 12 and stage.cot_gone_at() == 96
+    _passing_gate(stage)  # each validation (every 5 steps) removes the next token
+    train_stage(stage, config.stepwise, tmp_path / "si", config, progress=False)
+    events = [json.loads(line) for line in (tmp_path / "si" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "optimizer_reset"] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert stage.cot_gone_at() == 40
+    removed = {e["step"]: e["cot_removed"] for e in events if e["event"] == "train"}
+    assert removed[12] == 2 and removed[41] == stage.max_cot  # the train log of step s reports step s - 1
+
+
+def test_resume_keeps_the_gates_decisions(si_config, tmp_path):
+    config = with_schedule(si_config, steps_per_epoch=24, remove_per_epoch=2, advance_at=0.5)
+    config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=97, save_every=0))
+    torch.manual_seed(0)
+    reference = _passing_gate(stages.build("stepwise", config))
+    train_stage(reference, config.stepwise, tmp_path / "ref", config, progress=False)
+
+    torch.manual_seed(0)
+    stage = _passing_gate(stages.build("stepwise", config))
+    loss, calls = stage.loss, [0]
+
+    def interrupt_at_step_17(module, batch):  # SIGINT during step 17: the checkpoint is at step 17
+        calls[0] += 1
+        if calls[0] == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(module, batch)
+
+    stage.loss = interrupt_at_step_17
+    with pytest.raises(TrainingInterrupted):
+        train_stage(stage, config.stepwise, tmp_path / "run", config, progress=False)
+    torch.manual_seed(0)
+    resumed = _passing_gate(stages.build("stepwise", config))
+    assert resumed.increments[0] == 12  # a new stage knows only the fixed schedule: the checkpoint has the rest
+    train_stage(resumed, config.stepwise, tmp_path / "run", config, progress=False, resume=True)
+    assert resumed.increments == reference.increments and resumed.cot_gone_at() == 40
+    resets = [[json.loads(x)["step"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["event"] == "optimizer_reset"] for d in ("ref", "run")]
+    assert resets[0] == resets[1] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for name, weight in resumed.module.state_dict().items():
+        assert torch.allclose(weight, reference.module.state_dict()[name], atol=1e-5), name

@@ -253,6 +253,13 @@ class StepwiseConfig:
         from_teacher: start from the explicit-CoT teacher stage (the paper); false trains from
             ``model`` with the schedule running from step 0 (Bai et al.'s from-scratch recipe), and the
             pipeline then needs no teacher for ``icot-si``.
+        advance_at: ours, 0 = off: a validation whose exact match (0-1, in the format of the moment)
+            reaches this removes the next token at once, instead of at the end of the token's
+            ``round(E / r)`` steps; the later tokens keep that pace from there. The fixed schedule stays
+            the slowest a token can go, so easy tokens cost less and hard ones as much as before. Needs
+            ``stepwise.eval_every``, which is then the gate's resolution.
+        min_steps_per_token: with ``advance_at``, the steps a token gets at least before the gate may
+            remove the next one.
     """
 
     remove_per_epoch: int = 8
@@ -263,9 +270,13 @@ class StepwiseConfig:
     reset_warmup_steps: int = 0
     keep_position: bool = False
     from_teacher: bool = True
+    advance_at: float = 0.0
+    min_steps_per_token: int = 0
 
     def __post_init__(self) -> None:
         _check(self.remove_per_epoch > 0, "si.remove_per_epoch", "must be > 0")
+        _check(0.0 <= self.advance_at <= 1.0, "si.advance_at", "must be in [0, 1] (0: off)")
+        _check(self.min_steps_per_token >= 0, "si.min_steps_per_token", "must be >= 0")
         _check(self.steps_per_epoch >= 0, "si.steps_per_epoch", "must be >= 0")
         _check(self.removal_smoothing_lambda > 0, "si.removal_smoothing_lambda", "must be > 0 (.inf: no smoothing)")
         _check(self.remove_all_when_remove_beyond >= 0, "si.remove_all_when_remove_beyond", "must be >= 0")

@@ -7,6 +7,10 @@ extra offset ``o`` per row with ``P(o) ∝ exp(-lambda o)``; at every one-token 
 state is reset (``si.reset_optimizer``), and no longer once the whole CoT is gone. Then the example
 is ``INPUT <sep> ANSWER <eos>``: the model answers directly after ``<sep>``, exactly like the no-CoT
 model, and only from then on are checkpoints kept.
+
+Ours, off by default: ``si.advance_at`` lets a validation that reaches that exact match remove the next
+token before its ``round(E / r)`` steps are up (:meth:`StepwiseStage.after_validation`), so the fixed
+schedule becomes the slowest pace rather than the only one.
 """
 
 from __future__ import annotations
@@ -41,15 +45,6 @@ def steps_per_token(si: StepwiseConfig, steps_per_epoch: int) -> int:
     """Optimizer steps each CoT token gets before the next one goes: ``round(E / r)`` (Python's round,
     as the original). 0 (an epoch shorter than ``r`` steps) removes a token at every step."""
     return int(round(steps_per_epoch / si.remove_per_epoch))
-
-
-def scheduled_removal(step: int, per_token: int) -> int:
-    """CoT tokens the schedule removes at optimizer step ``step`` (before the random offset).
-
-    The original counts batches and adds a token when its counter reaches ``per_token``, which is
-    ``floor(step / per_token)``; with ``per_token == 0`` it adds one at every step, the first included.
-    """
-    return step + 1 if per_token == 0 else step // per_token
 
 
 def remove_cot_tokens(batch: dict[str, torch.Tensor], remove: torch.Tensor, pad_id: int,
@@ -111,9 +106,11 @@ class StepwiseStage(CausalLMStage):
         self.steps_per_epoch = self.si.steps_per_epoch or max(1, micro_batches)
         self.per_token = steps_per_token(self.si, self.steps_per_epoch)
         self.max_cot = max(e.s2 - e.s1 - 1 for e in self.train_items)
-        self.increments = self._increment_steps()
+        self.increments = self._increment_steps()  # the gate (si.advance_at) may move them earlier
         self.reset_steps = self.increments if self.si.reset_optimizer else []
         self._check_budget(config.stepwise)
+        if self.si.advance_at and not config.stepwise.eval_every:
+            raise ConfigError("field 'si.advance_at': the gate acts on validations; set stepwise.eval_every > 0")
         if self.si.keep_position:
             self._check_one_cot_length()
             # The internalized model answers with its positions moved by the whole CoT and second <sep>.
@@ -140,22 +137,47 @@ class StepwiseStage(CausalLMStage):
             raise ConfigError(f"field 'si.keep_position': needs CoTs of one length, but the training file's run "
                               f"from {min(lengths)} to {max(lengths)} tokens", self.config.data.train)
 
-    def removal_at(self, step: int) -> int:
-        """Scheduled removal at ``step``, with the remove-all rule applied."""
-        n = scheduled_removal(step, self.per_token)
+    def _rules(self, n: int) -> int:
+        """The removal in force when the schedule has counted ``n`` tokens (the remove-all rule applied)."""
         beyond = self.si.remove_all_when_remove_beyond
         return self.max_cot if (beyond and n > beyond) or n >= self.max_cot else n
 
+    def _tokens_to_go(self) -> int:
+        """How many counted tokens remove the whole CoT: each one grows the removal until then."""
+        beyond = self.si.remove_all_when_remove_beyond
+        return min(beyond + 1, self.max_cot) if beyond else self.max_cot
+
     def _increment_steps(self) -> list[int]:
         """Steps at which the removal grows while some CoT was still left (the optimizer resets there);
-        the last is the first step without any CoT."""
-        steps, t, before = [], 0, 0  # nothing is removed before step 0
-        while before < self.max_cot:
-            now = self.removal_at(t)
-            if now > before:
-                steps.append(t)
-            t, before = t + 1, now
-        return steps
+        the last is the first step without any CoT.
+
+        The original counts batches and adds a token when its counter reaches ``per_token``: token ``k`` at
+        step ``k * per_token``; with ``per_token == 0`` it adds one at every step, the first included.
+        """
+        p = self.per_token
+        return [k * p if p else k - 1 for k in range(1, self._tokens_to_go() + 1)]
+
+    def removal_at(self, step: int) -> int:
+        """Removal in force at optimizer step ``step``: the tokens counted up to it, the remove-all rule applied."""
+        return self._rules(bisect.bisect_right(self.increments, step))
+
+    def after_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """The gate of ``si.advance_at``: after ``step`` optimizer steps, a validation at or above it moves the
+        next token's removal to step ``step`` and the ones after it to ``round(E / r)`` steps apart."""
+        n = bisect.bisect_right(self.increments, step - 1)  # tokens counted for the step just trained
+        if not self.si.advance_at or not self.per_token or n >= len(self.increments):
+            return
+        started = self.increments[n - 1] if n else 0
+        if metrics["accuracy"] < self.si.advance_at or step - started < self.si.min_steps_per_token:
+            return
+        self.increments[n:] = [step + j * self.per_token for j in range(len(self.increments) - n)]
+
+    def state(self) -> dict[str, list[int]]:
+        return {"increments": list(self.increments)}
+
+    def load_state(self, state: dict[str, list[int]]) -> None:
+        if "increments" in state:
+            self.increments[:] = state["increments"]  # in place: reset_steps may be the same list
 
     def cot_gone_at(self) -> int:
         """The first optimizer step at which the whole CoT is removed."""
