@@ -338,7 +338,7 @@ def test_gate_state_round_trips(si_config):
     stage = stages.build("stepwise", gated(si_config))
     stage.after_validation(2, {"accuracy": 1.0})
     fresh = stages.build("stepwise", gated(si_config))
-    fresh.load_state(json.loads(json.dumps(stage.state())))
+    fresh.restore_decisions(json.loads(json.dumps(stage.decisions())))
     assert fresh.increments == stage.increments and fresh.reset_steps == stage.reset_steps
     assert [fresh.removal_at(s) for s in range(40)] == [stage.removal_at(s) for s in range(40)]
 

@@ -127,15 +127,15 @@ class Stage:
     def after_validation(self, step: int, metrics: dict[str, float]) -> None:
         """Called with the metrics of the validation after ``step`` optimizer steps, on every process alike,
         before the next step begins: a curriculum that follows the model's progress acts here and keeps what
-        it decides in :meth:`state`."""
+        it decides in :meth:`decisions`."""
 
-    def state(self) -> dict[str, Any]:
+    def decisions(self) -> dict[str, Any]:
         """JSON-able state of the stage that :meth:`begin_step` replays cannot rebuild (decisions taken in
-        :meth:`after_validation`); saved in checkpoints and handed to :meth:`load_state` on resume."""
+        :meth:`after_validation`); saved in checkpoints and handed to :meth:`restore_decisions` on resume."""
         return {}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state` from a checkpoint, before the replay of :meth:`begin_step`."""
+    def restore_decisions(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`decisions` from a checkpoint, before the replay of :meth:`begin_step`."""
 
     def lr_scale(self, step: int) -> float:
         """A stage's own factor on the learning rate at optimizer step ``step`` (a pure function of the
@@ -425,7 +425,7 @@ class _Trainer:
         self.log.lines = self.position.metrics_lines
         if self.changed:  # what this run changed, in the record beside the metrics it affects
             self.log({"event": "resume", "step": self.position.step, "changed": self.changed})
-        self.stage.load_state(state.get("stage_state", {}))
+        self.stage.restore_decisions(state.get("stage_decisions", {}))
         for step in range(self.position.step):  # rebuild the stage's curriculum state (see Stage.begin_step)
             self.stage.begin_step(step)
 
@@ -584,7 +584,7 @@ class _Trainer:
         if acc.num_processes > 1 and running:
             # Per-entry means over processes give the same next train log as each process's own list.
             running = acc.reduce(torch.tensor(running, device=acc.device), reduction="mean").tolist()
-        state = {**self.identity, "settings": self.settings, "stage_state": self.stage.state(),
+        state = {**self.identity, "settings": self.settings, "stage_decisions": self.stage.decisions(),
                  "position": {**dataclasses.asdict(p), "running": running}}
         return save_checkpoint(self.out_dir, acc, self.unwrapped, self.optimizer, self.scheduler, state,
                                self.epoch_start)

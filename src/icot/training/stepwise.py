@@ -172,10 +172,10 @@ class StepwiseStage(CausalLMStage):
             return
         self.increments[n:] = [step + j * self.per_token for j in range(len(self.increments) - n)]
 
-    def state(self) -> dict[str, list[int]]:
+    def decisions(self) -> dict[str, list[int]]:
         return {"increments": list(self.increments)}
 
-    def load_state(self, state: dict[str, list[int]]) -> None:
+    def restore_decisions(self, state: dict[str, list[int]]) -> None:
         if "increments" in state:
             self.increments[:] = state["increments"]  # in place: reset_steps may be the same list
 
