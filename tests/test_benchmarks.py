@@ -113,6 +113,20 @@ def test_si_summary_splits_the_schedule_at_the_cot_s_end(tmp_path):
     assert row["steps"] == 4 and row["cot_removed"] == 3.0 and row["validations"] == 4
 
 
+def test_si_by_tokens_gives_each_count_its_lowest_and_last_exact_match(tmp_path):
+    records = [{"event": "validate", "step": s, "examples": 32 * s, "val_cot_removed": removed,
+                "val_accuracy": acc, "val_token_accuracy": 0.9}
+               for s, removed, acc in [(2, 0.0, 0.5), (4, 0.0, 0.75), (6, 1.0, 0.25), (8, 1.0, 0.0), (10, 1.0, 0.5),
+                                       (12, 2.0, 1.0)]]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [{"event": "train", "step": 1}] + records))
+    rows = si_curves.by_tokens(metrics)
+    assert [(r["tokens_removed"], r["from_step"], r["validations"], r["lowest_exact"], r["last_exact"])
+            for r in rows] == [(0.0, 2, 2, 0.5, 0.75), (1.0, 6, 3, 0.0, 0.5), (2.0, 12, 1, 1.0, 1.0)]
+    table = si_curves.by_tokens_markdown("G", rows).splitlines()
+    assert table[5] == "| 1 | 6 | 3 | 0.0 | 50.0 / 90.0 |"  # label, blank, header, rule, then the rows
+
+
 def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_path):
     def write(stage, records):
         (tmp_path / stage).mkdir()
