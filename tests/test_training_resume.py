@@ -29,7 +29,7 @@ from icot.rundir import CHECKPOINT, STATE_FILE, can_resume, read_meta, recover_a
 from icot.training import resume as resume_module
 from icot.training import stages
 from icot.training.causal_lm import CausalLMStage
-from icot.training.loop import setting_changes, train_stage
+from icot.training.loop import lr_factor, setting_changes, train_stage
 
 TOLERANCE = 1e-5
 
@@ -364,6 +364,27 @@ def test_resume_with_a_longer_budget_applies_it_and_logs_the_change(reference, t
     # Up to the resume the record is the uninterrupted run's.
     before = [r for r in records if r["step"] <= 5 and r["event"] != "resume"]
     _assert_same_records(before, [r for r in _records(ref_out) if r["step"] <= 5])
+
+
+def test_resume_can_anneal_a_constant_rate_from_the_resumed_step(reference, tmp_path):
+    """A plateaued constant-rate run resumed under a cosine decay: the rate after the resume is the new
+    schedule's at each step, the peak stays the checkpoint's, and the change is in the record."""
+    config, _, _, _ = reference
+    out = _interrupted(config, tmp_path / "run", at=5)
+    annealed = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, lr_schedule="cosine",
+                                                                       min_lr_ratio=0.1))
+    _, result = _train(annealed, out, resume=True)
+    assert result["steps"] == config.teacher.max_steps
+    records = _records(out)
+    changes = [r for r in records if r["event"] == "resume"]
+    assert changes == [{"event": "resume", "step": 5, "changed": {"teacher.lr_schedule": ["constant", "cosine"],
+                                                                  "teacher.min_lr_ratio": [0.0, 0.1]}}]
+    rates = {r["step"]: r["lr"] for r in records if r["event"] == "train"}
+    assert all(rates[step] == pytest.approx(config.teacher.lr) for step in range(1, 6))  # before: constant
+    for step in range(6, config.teacher.max_steps + 1):  # after: the scheduler has stepped `step` times
+        want = config.teacher.lr * lr_factor(step, annealed.teacher, config.teacher.max_steps)
+        assert rates[step] == pytest.approx(want)
+    assert rates[config.teacher.max_steps] == pytest.approx(0.1 * config.teacher.lr)
 
 
 def test_corrupt_trainer_state_is_one_line_error(reference, tmp_path, capsys):

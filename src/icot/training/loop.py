@@ -71,11 +71,13 @@ from icot.training.resume import load_module_state, load_training_state, read_tr
 from icot.training.sharding import full_state, gathered, is_sharded
 from icot.training.signals import StopSignals
 
-# A resumed run may change these fields of its own section: how long it trains and how often it validates,
-# not what a step computes. The neutral fields (config.NEUTRAL_FIELDS: logging, saving, trackers) may change
+# A resumed run may change these fields of its own section: how long it trains, how often it validates and
+# the shape of its learning-rate decay from the resumed step on (annealing a run that has plateaued; a new
+# max_steps already moves a decay's end), not its peak rate, batch or data. The neutral fields (config.NEUTRAL_FIELDS: logging, saving, trackers) may change
 # anywhere; any other change in the sections the stage depends on, or in the stage directories it reads,
 # is refused.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size")
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size",
+             "lr_schedule", "min_lr_ratio")
 
 
 class Stage:
