@@ -72,7 +72,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
     assert methods == ["no-cot", "no-cot-batched", "explicit-cot", "explicit-cot-batched", "icot-kd",
-                       "implicit-batched", "icot-si", "icot-si-batched"]
+                       "icot-kd-batched", "icot-si", "icot-si-batched"]
     for row in results["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["examples_per_second"] > 0 and row["n"] == 16
     assert set(results["stages"]) == {"teacher", "nocot", "student", "emulator", "couple", "stepwise"}
