@@ -8,6 +8,7 @@ import pytest
 
 from icot.config import (
     METHODS,
+    GenerateConfig,
     IcotConfig,
     TrainConfig,
     load_config,
@@ -323,6 +324,19 @@ def test_optional_fields_take_null():
     assert config.data.max_train_examples is None and config.data.test == "null"
     assert load_config(None, ["--data.generate.digits", "3"]).data.generate.digits == 3
     assert load_config(None, {"data": {"generate": None}}).data.generate is None
+
+
+def test_flag_inside_a_section_the_yaml_set_changes_that_field_only(tmp_path):
+    """`--data.generate.train_count` over a YAML `data.generate` once failed to instantiate."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {generate: {digits: 4, train_count: 80800, seed: 3}}\nteacher: {lr: 1.0e-3}\n")
+    config = load_config(path, ["--data.generate.train_count", "3000", "--teacher.lr=5e-4", "--data.generate.seed=7"])
+    assert config.data.generate == GenerateConfig(digits=4, train_count=3000, seed=7)
+    assert config.teacher.lr == 5e-4
+    with pytest.raises(ConfigError, match=r"field 'data.generate.train_count': expected an integer, got 'many'$"):
+        load_config(path, ["--data.generate.train_count", "many"])
+    with pytest.raises(ConfigError, match=r"field 'data.generate.digits': must be > 0"):
+        load_config(path, ["--data.generate.digits=0"])
 
 
 @pytest.mark.parametrize("section, field_name, value", [

@@ -281,6 +281,20 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
+def test_a_signal_during_the_last_step_finishes_the_stage_then_stops(reference, tmp_path):
+    """It used to be dropped: the stage ended as done and a pipeline went on as if nothing had been asked."""
+    config, ref_out, _, _ = reference
+    out = tmp_path / "run"
+    stage = stages.build("teacher", config)
+    _interrupt_at_call(stage, config.teacher.max_steps, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        train_stage(stage, config.teacher, out, config, progress=False)
+    assert info.value.exit_code == 128 + signal.SIGTERM and info.value.step == config.teacher.max_steps
+    assert "as the stage finished" in str(info.value) and str(out) in str(info.value)
+    assert stage_is_done(out) and not can_resume(out)  # complete: a rerun pipeline skips it
+    assert _max_difference(_best_weights(out), _best_weights(ref_out)) < 1e-6
+
+
 def test_resume_without_a_checkpoint_is_one_line_error(reference, tmp_path, capsys):
     config_file = tmp_path / "c.yaml"
     save_config(reference[0], config_file)

@@ -551,17 +551,69 @@ def _check_dict(data: dict[str, Any], prefix: str = "") -> None:
             _check_dict(value, f"{key}.")
 
 
+def _in_optional_section(key: str) -> bool:
+    """Whether ``key`` lies inside a section that may be null (``data.generate.train_count``)."""
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        tp = _field_type(".".join(parts[:end]))
+        if _not_none(tp) is not tp and dataclasses.is_dataclass(_not_none(tp)):
+            return True
+    return False
+
+
+def _optional_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``(nested dict, other flags)``: the flags inside a section that may be null, as a dict override.
+
+    jsonargparse parses such a flag over a section set by the YAML into a half-built value that no longer
+    instantiates; a dict override merges into the section instead. Values are read as YAML, except for
+    string fields, which keep them as typed (as jsonargparse does for flags).
+    """
+    nested: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        key, has_value, value = flag[2:].partition("=") if flag.startswith("--") else ("", False, "")
+        key = key.replace("-", "_")
+        if not key or not _in_optional_section(key) or (not has_value and i + 1 >= len(flags)):
+            rest.append(flag)
+            i += 1
+            continue
+        if not has_value:
+            value, i = flags[i + 1], i + 1
+        i += 1
+        tp = _not_none(_field_type(key))
+        if tp is not str:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"override '--{key}': cannot read {value!r}") from None
+            # jsonargparse would name only the section for a wrong leaf: name the field here.
+            if tp in (int, float, bool) and not (isinstance(value, tp) or tp is float and isinstance(value, int)) \
+                    or tp is not bool and isinstance(value, bool):
+                raise ConfigError(f"field '{key}': expected {_expected(tp)}, got {value!r}")
+        node = nested
+        *sections, leaf = key.split(".")
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return nested, rest
+
+
 def _parse(data: dict[str, Any], overrides: list[str] | dict | None) -> IcotConfig:
     _check_dict(data)
     if isinstance(overrides, dict):
-        _check_dict(overrides)
+        merged, flags = overrides, []
+    else:
+        merged, flags = _optional_section_flags(list(overrides or []))
+    _check_dict(merged)
     parser = _parser()
     try:
         namespace = parser.parse_object(data)
-        if isinstance(overrides, dict):
-            namespace = parser.parse_object(overrides, namespace=namespace)
-        elif overrides:
-            flags = [re.sub(r"^--([^=]*)", lambda m: "--" + m[1].replace("-", "_"), flag) for flag in overrides]
+        if merged:
+            namespace = parser.parse_object(merged, namespace=namespace)
+        if flags:
+            flags = [re.sub(r"^--([^=]*)", lambda m: "--" + m[1].replace("-", "_"), flag) for flag in flags]
             namespace = parser.parse_args(flags, namespace=namespace)
         return IcotConfig(**vars(parser.instantiate(namespace)))
     except ArgumentError as e:

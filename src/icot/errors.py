@@ -37,18 +37,23 @@ class CheckpointError(IcotInputError):
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped cleanly on SIGINT or SIGTERM after writing a checkpoint.
+    """Training stopped cleanly on SIGINT or SIGTERM after writing a checkpoint, or, for a signal that came
+    during a stage's last step or final validation, after writing the finished stage.
 
     Attributes:
         signum: the signal that asked for the stop.
-        step: the optimizer step the checkpoint holds.
-        checkpoint: the checkpoint directory (``--resume`` continues from it).
+        step: the optimizer step the checkpoint (or the finished stage) holds.
+        checkpoint: the checkpoint directory (``--resume`` continues from it), or the finished stage's.
         exit_code: ``128 + signum``, the shell's convention (130 for SIGINT, 143 for SIGTERM).
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: str | Path):
+    def __init__(self, signum: int, step: int, checkpoint: str | Path, finished: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, str(checkpoint)
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {checkpoint}; continue with "
-                         "'icot train ... --resume' (or run the same 'icot pipeline' again)")
+        if finished:  # the signal came as the stage ended: its output is complete, no checkpoint is needed
+            super().__init__(f"interrupted by {name} as the stage finished at step {step}; the stage is complete "
+                             f"in {checkpoint}; run the same 'icot pipeline' again to go on from the next stage")
+        else:
+            super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {checkpoint}; continue "
+                             "with 'icot train ... --resume' (or run the same 'icot pipeline' again)")

@@ -466,7 +466,13 @@ class _Trainer:
                     self._validate_and_keep()
         finally:
             self.bar.close()
-        return self._finish()
+        # A signal during the last step or the final validation came after the loop's last look at it: the
+        # stage is complete, so it is written as done, and the run stops there instead of going on.
+        signum, _ = self._stop_requests(stop)
+        result = self._finish()
+        if signum:
+            raise TrainingInterrupted(signum, self.position.step, self.out_dir, finished=True)
+        return result
 
     def _epoch(self, stop: StopSignals) -> None:
         p = self.position
