@@ -562,7 +562,8 @@ def _in_optional_section(key: str) -> bool:
 
 
 def _optional_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """``(nested dict, other flags)``: the flags inside a section that may be null, as a dict override.
+    """``(nested dict, other flags)``: the flags (field names already with ``_``) inside a section that may
+    be null, as a dict override.
 
     jsonargparse parses such a flag over a section set by the YAML into a half-built value that no longer
     instantiates; a dict override merges into the section instead. Values are read as YAML, except for
@@ -574,7 +575,6 @@ def _optional_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]
     while i < len(flags):
         flag = flags[i]
         key, has_value, value = flag[2:].partition("=") if flag.startswith("--") else ("", False, "")
-        key = key.replace("-", "_")
         if not key or not _in_optional_section(key) or (not has_value and i + 1 >= len(flags)):
             rest.append(flag)
             i += 1
@@ -605,7 +605,8 @@ def _parse(data: dict[str, Any], overrides: list[str] | dict | None) -> IcotConf
     if isinstance(overrides, dict):
         merged, flags = overrides, []
     else:
-        merged, flags = _optional_section_flags(list(overrides or []))
+        flags = [re.sub(r"^--([^=]*)", lambda m: "--" + m[1].replace("-", "_"), flag) for flag in overrides or []]
+        merged, flags = _optional_section_flags(flags)
     _check_dict(merged)
     parser = _parser()
     try:
@@ -613,7 +614,6 @@ def _parse(data: dict[str, Any], overrides: list[str] | dict | None) -> IcotConf
         if merged:
             namespace = parser.parse_object(merged, namespace=namespace)
         if flags:
-            flags = [re.sub(r"^--([^=]*)", lambda m: "--" + m[1].replace("-", "_"), flag) for flag in flags]
             namespace = parser.parse_args(flags, namespace=namespace)
         return IcotConfig(**vars(parser.instantiate(namespace)))
     except ArgumentError as e:

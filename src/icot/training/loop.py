@@ -73,9 +73,9 @@ from icot.training.signals import StopSignals
 
 # A resumed run may change these fields of its own section: how long it trains, how often it validates and
 # the shape of its learning-rate decay from the resumed step on (annealing a run that has plateaued; a new
-# max_steps already moves a decay's end), not its peak rate, batch or data. The neutral fields (config.NEUTRAL_FIELDS: logging, saving, trackers) may change
-# anywhere; any other change in the sections the stage depends on, or in the stage directories it reads,
-# is refused.
+# max_steps already moves a decay's end), not its peak rate, batch or data. The neutral fields
+# (config.NEUTRAL_FIELDS: logging, saving, trackers) may change anywhere; any other change in the sections
+# the stage depends on, or in the stage directories it reads, is refused.
 RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size",
              "lr_schedule", "min_lr_ratio")
 
