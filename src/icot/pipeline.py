@@ -386,10 +386,14 @@ def plot_by_size(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, ax = plt.subplots(figsize=(8, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    # Methods often score the same (0% off the trained size): distinct markers and dashes keep every line visible.
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("x", "--")]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         by = {r["size"]: r for r in rows if r["method"] == method}
+        marker, line = styles[i % len(styles)]
         ax.plot(range(len(sizes)), [100 * by[z]["accuracy"] if "accuracy" in by.get(z, {}) else float("nan")
-                                    for z in sizes], "o-", label=method)
+                                    for z in sizes], marker=marker, linestyle=line, markerfacecolor="none",
+                label=method)
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_xlabel("operand digits (N x M)")
     ax.set_ylabel("exact-match accuracy (%)")
