@@ -19,10 +19,11 @@ set -u
 out=${1:?usage: gpu_paper.sh OUT_DIR [FLAG VALUE ...]}
 shift
 work=${WORK:-/tmp/icot-gpu}
+py=${PYTHON:-python3}
 mkdir -p "$out" "$work"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  ${PYTHON:-python3} -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', \
+  $py -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
   nproc; git rev-parse HEAD 2>/dev/null; } > "$out/env.txt" 2>&1
 
@@ -38,13 +39,13 @@ keep() {  # keep() RUN_DIR DEST: what a run leaves that is worth committing
 
 si_minutes=${SI_MINUTES:-4.5}
 start=$(date +%s)
-timeout -s TERM $(( ${si_minutes%.*} * 60 + 150 )) ${PYTHON:-python3} -m icot.cli pipeline benchmarks/gpu-si-4x4-paper.yaml \
+timeout -s TERM $(( ${si_minutes%.*} * 60 + 150 )) $py -m icot.cli pipeline benchmarks/gpu-si-4x4-paper.yaml \
     --out "$work/si" --methods '[icot-si]' --stepwise.max_minutes "$si_minutes" "$@" > "$out/si.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/si.log"
 keep "$work/si" "$out/si-4x4-paper"
 
 start=$(date +%s)
-timeout -s TERM ${KD_SECONDS:-300} ${PYTHON:-python3} -m icot.cli pipeline benchmarks/gpu-kd-4x4-12l.yaml \
+timeout -s TERM ${KD_SECONDS:-300} $py -m icot.cli pipeline benchmarks/gpu-kd-4x4-12l.yaml \
     --out "$work/kd" "$@" > "$out/kd.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/kd.log"
 keep "$work/kd" "$out/kd-4x4-12l"

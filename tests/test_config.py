@@ -123,6 +123,8 @@ def test_unknown_section_names_it():
         ("data:\n  train: [a, b]\n", "data.train"),
         ("methods: nocot\n", "methods"),
         ("model: 3\n", "model"),
+        ("data:\n  generate: {digits: 4, train_count: many}\n", "data.generate.train_count"),  # in a nullable section
+        ("data:\n  generate: {digits: true}\n", "data.generate.digits"),
         # out of range
         ("model:\n  n_layer: 0\n", "model.n_layer"),
         ("model:\n  n_embd: 30\n  n_head: 4\n", "model.n_embd"),

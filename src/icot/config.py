@@ -539,16 +539,28 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data or {}
 
 
-def _check_dict(data: dict[str, Any], prefix: str = "") -> None:
-    """Refuse what jsonargparse lets through from a dict: a null for a field that cannot be None, and a
-    section that is not a mapping."""
+def _check_dict(data: dict[str, Any], prefix: str = "", in_optional: bool = False) -> None:
+    """Refuse what jsonargparse lets through from a dict, or reports badly: a null for a field that cannot be
+    None, a section that is not a mapping, and a wrong scalar inside a section that may be null (jsonargparse
+    names only the section there: "expected a mapping or null")."""
     for name, value in data.items():
         key = f"{prefix}{name}"
         tp = _field_type(key)
-        if value is None and _not_none(tp) is tp or dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+        if value is None and _not_none(tp) is tp or dataclasses.is_dataclass(tp) and not isinstance(value, dict) \
+                or in_optional and value is not None and not _scalar_fits(_not_none(tp), value):
             raise ConfigError(f"field '{key}': expected {_expected(tp)}, got {value!r}")
         if dataclasses.is_dataclass(_not_none(tp)) and isinstance(value, dict):
-            _check_dict(value, f"{key}.")
+            _check_dict(value, f"{key}.", in_optional or _not_none(tp) is not tp)
+
+
+def _scalar_fits(tp: Any, value: Any) -> bool:
+    """Whether ``value`` is one of ``tp`` when ``tp`` is int, float or bool (an int is a float; a bool is
+    neither an int nor a float); other types are left to jsonargparse."""
+    if tp not in (int, float, bool):
+        return True
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, tp) or tp is float and isinstance(value, int)
 
 
 def _in_optional_section(key: str) -> bool:
@@ -582,16 +594,11 @@ def _optional_section_flags(flags: list[str]) -> tuple[dict[str, Any], list[str]
         if not has_value:
             value, i = flags[i + 1], i + 1
         i += 1
-        tp = _not_none(_field_type(key))
-        if tp is not str:
+        if _not_none(_field_type(key)) is not str:  # a wrong value is named by _check_dict, as for a YAML file
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise ConfigError(f"override '--{key}': cannot read {value!r}") from None
-            # jsonargparse would name only the section for a wrong leaf: name the field here.
-            if tp in (int, float, bool) and not (isinstance(value, tp) or tp is float and isinstance(value, int)) \
-                    or tp is not bool and isinstance(value, bool):
-                raise ConfigError(f"field '{key}': expected {_expected(tp)}, got {value!r}")
         node = nested
         *sections, leaf = key.split(".")
         for name in sections:
