@@ -546,8 +546,10 @@ def _check_dict(data: dict[str, Any], prefix: str = "", in_optional: bool = Fals
     for name, value in data.items():
         key = f"{prefix}{name}"
         tp = _field_type(key)
-        if value is None and _not_none(tp) is tp or dataclasses.is_dataclass(tp) and not isinstance(value, dict) \
-                or in_optional and value is not None and not _scalar_fits(_not_none(tp), value):
+        null_for_required = value is None and _not_none(tp) is tp
+        section_not_mapping = dataclasses.is_dataclass(tp) and not isinstance(value, dict)
+        wrong_scalar = in_optional and value is not None and not _scalar_fits(_not_none(tp), value)
+        if null_for_required or section_not_mapping or wrong_scalar:
             raise ConfigError(f"field '{key}': expected {_expected(tp)}, got {value!r}")
         if dataclasses.is_dataclass(_not_none(tp)) and isinstance(value, dict):
             _check_dict(value, f"{key}.", in_optional or _not_none(tp) is not tp)
