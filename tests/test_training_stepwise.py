@@ -105,13 +105,18 @@ def test_reset_warmup_ramps_after_each_reset(si_config):
     assert all(off.lr_scale(s) == 1.0 for s in range(40))
 
 
-def test_budget_that_ends_before_the_cot_is_gone_is_refused(si_config):
+def test_budget_that_ends_before_the_cot_is_gone_is_refused(si_config, tmp_path):
     # One token every 2 steps, 8 tokens: gone at step 16, so a 16-step budget keeps nothing.
     short = dataclasses.replace(si_config, stepwise=dataclasses.replace(si_config.stepwise, max_steps=16))
     with pytest.raises(ConfigError, match="ends before the CoT is gone at step 16"):
-        stages.build("stepwise", short)
+        stages.build("stepwise", short).check_budget()
+    with pytest.raises(ConfigError, match="ends before the CoT is gone at step 16"):
+        train_stage(stages.build("stepwise", short), short.stepwise, tmp_path / "si", short, progress=False)
+    assert not (tmp_path / "si").exists()  # refused before the run touched its directory
     enough = dataclasses.replace(si_config, stepwise=dataclasses.replace(si_config.stepwise, max_steps=17))
-    assert stages.build("stepwise", enough).cot_gone_at() == 16
+    stage = stages.build("stepwise", enough)
+    stage.check_budget()
+    assert stage.cot_gone_at() == 16
 
 
 def test_lr_follows_the_reset_warmup_in_training(si_config, tmp_path):
@@ -387,3 +392,37 @@ def test_resume_keeps_the_gates_decisions(si_config, tmp_path):
     assert resets[0] == resets[1] == [5, 10, 15, 20, 25, 30, 35, 40]
     for name, weight in resumed.module.state_dict().items():
         assert torch.allclose(weight, reference.module.state_dict()[name], atol=1e-5), name
+
+
+def test_resumed_gated_run_is_held_to_the_gates_removals_not_the_fixed_pace(si_config, tmp_path):
+    # Fixed pace: one token every 12 steps, gone at step 96. Every validation (each 5 steps) passes the gate.
+    config = with_schedule(si_config, steps_per_epoch=24, remove_per_epoch=2, advance_at=0.5)
+    config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=97, save_every=0))
+    stage = _passing_gate(stages.build("stepwise", config))
+    loss, calls = stage.loss, [0]
+
+    def interrupt_at_step_17(module, batch):
+        calls[0] += 1
+        if calls[0] == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(module, batch)
+
+    stage.loss = interrupt_at_step_17
+    with pytest.raises(TrainingInterrupted):
+        train_stage(stage, config.stepwise, tmp_path / "run", config, progress=False)
+    # The checkpoint (step 17) holds the gate's removals at steps 5, 10, 15: the rest follow every 12 steps.
+    assert stage.increments == [5, 10, 15, 27, 39, 51, 63, 75]
+
+    def budget(max_steps):
+        return dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=max_steps))
+
+    with pytest.raises(ConfigError, match="gone at step 96"):  # a fresh run knows only the fixed pace
+        stages.build("stepwise", budget(80)).check_budget()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="gone at step 75"):
+        train_stage(_passing_gate(stages.build("stepwise", budget(75))), budget(75).stepwise, tmp_path / "run",
+                    budget(75), progress=False, resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # the refusal left the run as it was
+    resumed = _passing_gate(stages.build("stepwise", budget(80)))
+    result = train_stage(resumed, budget(80).stepwise, tmp_path / "run", budget(80), progress=False, resume=True)
+    assert result["steps"] == 80 and resumed.cot_gone_at() == 40

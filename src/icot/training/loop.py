@@ -139,6 +139,10 @@ class Stage:
     def restore_decisions(self, state: dict[str, Any]) -> None:
         """Restore :meth:`decisions` from a checkpoint, before the replay of :meth:`begin_step`."""
 
+    def check_budget(self) -> None:
+        """Refuse (ConfigError), before the run touches its directory, a budget too short for anything to be
+        kept; called after :meth:`restore_decisions` on resume, so decisions already taken count."""
+
     def lr_scale(self, step: int) -> float:
         """A stage's own factor on the learning rate at optimizer step ``step`` (a pure function of the
         step, so resume needs no state); 1 by default."""
@@ -427,7 +431,6 @@ class _Trainer:
         self.log.lines = self.position.metrics_lines
         if self.changed:  # what this run changed, in the record beside the metrics it affects
             self.log({"event": "resume", "step": self.position.step, "changed": self.changed})
-        self.stage.restore_decisions(state.get("stage_decisions", {}))
         for step in range(self.position.step):  # rebuild the stage's curriculum state (see Stage.begin_step)
             self.stage.begin_step(step)
 
@@ -435,6 +438,9 @@ class _Trainer:
 
     def run(self, resume: bool) -> dict[str, Any]:
         path, state = self._checkpoint_state() if resume else (None, None)
+        if state is not None:
+            self.stage.restore_decisions(state.get("stage_decisions", {}))
+        self.stage.check_budget()
         self._prepare_directory(state)
         try:
             return self._run(path, state)

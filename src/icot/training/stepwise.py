@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from icot.config import IcotConfig, StepwiseConfig, TrainConfig
+from icot.config import IcotConfig, StepwiseConfig
 from icot.errors import ConfigError
 from icot.generation import shifted_positions
 from icot.models.lm import require_explicit
@@ -108,7 +108,6 @@ class StepwiseStage(CausalLMStage):
         self.max_cot = max(e.s2 - e.s1 - 1 for e in self.train_items)
         self.increments = self._increment_steps()  # the gate (si.advance_at) may move them earlier
         self.reset_steps = self.increments if self.si.reset_optimizer else []
-        self._check_budget(config.stepwise)
         if self.si.advance_at and not config.stepwise.eval_every:
             raise ConfigError("field 'si.advance_at': the gate acts on validations; set stepwise.eval_every > 0")
         if self.si.keep_position:
@@ -119,8 +118,10 @@ class StepwiseStage(CausalLMStage):
         self.removed = 0  # scheduled removal in force
         self.meta["layout"] = "nocot"  # only fully internalized checkpoints are ever saved
 
-    def _check_budget(self, cfg: TrainConfig) -> None:
-        """Refuse, before any training, a budget that ends while some CoT is left: nothing would be kept."""
+    def check_budget(self) -> None:
+        """Refuse a budget that ends while some CoT is left: nothing would be kept. A resumed gated run
+        (``si.advance_at``) counts the removals its gate already moved earlier."""
+        cfg = self.train_cfg
         total = math.ceil(cfg.epochs * (len(self.train_items) // cfg.batch_size))
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
