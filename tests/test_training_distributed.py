@@ -44,6 +44,22 @@ def test_shards_cover_every_item_once(monkeypatch, n, size):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+@pytest.mark.parametrize("completed", [True, False])
+def test_end_process_group_tears_down_the_group_a_launch_formed(tmp_path, monkeypatch, completed):
+    distributed.end_process_group(completed)  # no group: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    barriers = []
+    barrier = torch.distributed.barrier
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: barriers.append(barrier()))
+    try:
+        distributed.end_process_group(completed)
+        assert not torch.distributed.is_initialized()
+        assert len(barriers) == int(completed)  # only a completed command waits for the other processes
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -333,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "pipeline"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    completed = False
     try:
         if args.command == "data" and args.task == "check":
             return _data_check(args)
@@ -350,13 +351,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _export(args)
         else:
             _pipeline(args, extra)
+        completed = True
     except (IcotInputError, OSError) as e:  # OSError: a missing, unreadable or unwritable path
         print(f"icot: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(f"icot: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        _end_processes(completed)
     return 0
+
+
+def _end_processes(completed: bool) -> None:
+    """End the process group of an ``accelerate launch`` run (only training forms one, and imports torch)."""
+    if "torch" in sys.modules:
+        from icot.training.distributed import end_process_group
+
+        end_process_group(completed)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The helpers read Accelerate's process-wide state (:func:`process_state`), which 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -50,3 +51,20 @@ def mean_across(values: Mapping[str, float]) -> dict[str, float]:
     """Every process's ``values`` averaged key by key (a collective call)."""
     size = process_state().num_processes
     return {k: v / size for k, v in sum_across(values).items()}
+
+
+def end_process_group(completed: bool) -> None:
+    """Tear down the process group that Accelerate formed, if any, before the process exits.
+
+    PyTorch asks programs to destroy the group before they exit: left to interpreter exit, the group and
+    the collectives' work objects (which hold tensors) are torn down while Python itself is, and that can abort
+    the process. Training objects left in reference cycles, which may hold such work, are collected first. A
+    completed command first waits for every process, so process 0 (which hosts the store) stays until all are
+    done; a failed one does not wait (the others may never arrive).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    if completed:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
