@@ -362,6 +362,21 @@ def test_gated_training_removes_sooner_and_logs_it(si_config, tmp_path):
     assert removed[12] == 2 and removed[41] == stage.max_cot  # the train log of step s reports step s - 1
 
 
+def _interrupt_at_step_17(stage, config, out):
+    """Train ``stage`` into ``out`` until a SIGINT during step 17: the checkpoint is at step 17."""
+    loss, calls = stage.loss, [0]
+
+    def interrupting(module, batch):
+        calls[0] += 1
+        if calls[0] == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(module, batch)
+
+    stage.loss = interrupting
+    with pytest.raises(TrainingInterrupted):
+        train_stage(stage, config.stepwise, out, config, progress=False)
+
+
 def test_resume_keeps_the_gates_decisions(si_config, tmp_path):
     config = with_schedule(si_config, steps_per_epoch=24, remove_per_epoch=2, advance_at=0.5)
     config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=97, save_every=0))
@@ -371,17 +386,7 @@ def test_resume_keeps_the_gates_decisions(si_config, tmp_path):
 
     torch.manual_seed(0)
     stage = _passing_gate(stages.build("stepwise", config))
-    loss, calls = stage.loss, [0]
-
-    def interrupt_at_step_17(module, batch):  # SIGINT during step 17: the checkpoint is at step 17
-        calls[0] += 1
-        if calls[0] == 17:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(module, batch)
-
-    stage.loss = interrupt_at_step_17
-    with pytest.raises(TrainingInterrupted):
-        train_stage(stage, config.stepwise, tmp_path / "run", config, progress=False)
+    _interrupt_at_step_17(stage, config, tmp_path / "run")
     torch.manual_seed(0)
     resumed = _passing_gate(stages.build("stepwise", config))
     assert resumed.increments[0] == 12  # a new stage knows only the fixed schedule: the checkpoint has the rest
@@ -399,17 +404,7 @@ def test_resumed_gated_run_is_held_to_the_gates_removals_not_the_fixed_pace(si_c
     config = with_schedule(si_config, steps_per_epoch=24, remove_per_epoch=2, advance_at=0.5)
     config = dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=97, save_every=0))
     stage = _passing_gate(stages.build("stepwise", config))
-    loss, calls = stage.loss, [0]
-
-    def interrupt_at_step_17(module, batch):
-        calls[0] += 1
-        if calls[0] == 17:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(module, batch)
-
-    stage.loss = interrupt_at_step_17
-    with pytest.raises(TrainingInterrupted):
-        train_stage(stage, config.stepwise, tmp_path / "run", config, progress=False)
+    _interrupt_at_step_17(stage, config, tmp_path / "run")
     # The checkpoint (step 17) holds the gate's removals at steps 5, 10, 15: the rest follow every 12 steps.
     assert stage.increments == [5, 10, 15, 27, 39, 51, 63, 75]
 
