@@ -408,16 +408,15 @@ def test_resumed_gated_run_is_held_to_the_gates_removals_not_the_fixed_pace(si_c
     # The checkpoint (step 17) holds the gate's removals at steps 5, 10, 15: the rest follow every 12 steps.
     assert stage.increments == [5, 10, 15, 27, 39, 51, 63, 75]
 
-    def budget(max_steps):
-        return dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=max_steps))
-
+    short, enough = (dataclasses.replace(config, stepwise=dataclasses.replace(config.stepwise, max_steps=n))
+                     for n in (75, 80))
     with pytest.raises(ConfigError, match="gone at step 96"):  # a fresh run knows only the fixed pace
-        stages.build("stepwise", budget(80)).check_budget()
+        stages.build("stepwise", enough).check_budget()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="gone at step 75"):
-        train_stage(_passing_gate(stages.build("stepwise", budget(75))), budget(75).stepwise, tmp_path / "run",
-                    budget(75), progress=False, resume=True)
+        train_stage(_passing_gate(stages.build("stepwise", short)), short.stepwise, tmp_path / "run", short,
+                    progress=False, resume=True)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # the refusal left the run as it was
-    resumed = _passing_gate(stages.build("stepwise", budget(80)))
-    result = train_stage(resumed, budget(80).stepwise, tmp_path / "run", budget(80), progress=False, resume=True)
+    resumed = _passing_gate(stages.build("stepwise", enough))
+    result = train_stage(resumed, enough.stepwise, tmp_path / "run", enough, progress=False, resume=True)
     assert result["steps"] == 80 and resumed.cot_gone_at() == 40
