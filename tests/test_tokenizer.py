@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from icot.data import Example, parse_line, read_examples
 from icot.data.multiplication import generate_examples
+from icot import tokenizer as tokenizer_module
 from icot.errors import DataFormatError
 from icot.tokenizer import (
     EOS,
@@ -120,6 +121,26 @@ def test_unknown_symbol_names_file_and_line(word_tok, tmp_path):
         assert str(info.value).startswith(f"{path}:3: ")
         assert "'x'" in str(info.value)
         assert (info.value.path, info.value.line) == (str(path), 3)
+
+
+@pytest.mark.parametrize("with_cot", [True, False])
+def test_encode_all_in_chunks_equals_encode(word_tok, with_cot, monkeypatch):
+    """A file is tokenized a chunk at a time (to bound the tokenizer's memory): chunk edges change nothing."""
+    examples = [parse_line(x) for x in generate_examples(2, 2, 7, seed=0)]
+    monkeypatch.setattr(tokenizer_module, "ENCODE_CHUNK", 3)
+    layout = Layout(word_tok)
+    assert layout.encode_all(examples, with_cot) == [layout.encode(ex, with_cot) for ex in examples]
+
+
+def test_unknown_symbol_in_a_later_chunk_names_its_own_line(word_tok, tmp_path, monkeypatch):
+    lines = generate_examples(2, 2, 7, seed=0)
+    lines[5] = lines[5].replace("*", "x", 1)  # line 6: the second chunk's third line
+    path = tmp_path / "odd.txt"
+    path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    monkeypatch.setattr(tokenizer_module, "ENCODE_CHUNK", 3)
+    with pytest.raises(DataFormatError) as info:
+        Layout(word_tok).encode_all(read_examples(path), True, str(path))
+    assert (info.value.path, info.value.line) == (str(path), 6)
 
 
 def test_unknown_symbol_in_cot_or_answer_is_found(word_tok):
