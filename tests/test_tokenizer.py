@@ -6,9 +6,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from icot import tokenizer as tokenizer_module
 from icot.data import Example, parse_line, read_examples
 from icot.data.multiplication import generate_examples
-from icot import tokenizer as tokenizer_module
 from icot.errors import DataFormatError
 from icot.tokenizer import (
     EOS,
