@@ -28,6 +28,7 @@ from icot.pipeline import run_stages
 from icot.rundir import CHECKPOINT, STATE_FILE, can_resume, read_meta, recover_atomically, stage_is_done
 from icot.training import resume as resume_module
 from icot.training import stages
+from interrupts import signal_at_call
 from icot.training.causal_lm import CausalLMStage
 from icot.training.loop import lr_factor, setting_changes, train_stage
 
@@ -71,23 +72,10 @@ def _checkpoint_step(out: Path) -> int | None:
         return None  # not there yet, or between the two renames of an atomic save
 
 
-def _interrupt_at_call(stage, call: int, signum: int = signal.SIGINT):
-    """Make the stage's ``loss`` send ``signum`` to this process at its ``call``-th call."""
-    loss, calls = stage.loss, [0]
-
-    def signalling(module, batch):
-        calls[0] += 1
-        if calls[0] == call:
-            os.kill(os.getpid(), signum)
-        return loss(module, batch)
-
-    stage.loss = signalling
-
-
 def _train(config, out, resume=False, interrupt_at=0, stage_class=None):
     stage = stage_class(config) if stage_class else stages.build("teacher", config)
     if interrupt_at:
-        _interrupt_at_call(stage, interrupt_at)
+        signal_at_call(stage, interrupt_at)
     result = train_stage(stage, config.teacher, out, config, progress=False, resume=resume)
     return stage, result
 
@@ -286,7 +274,7 @@ def test_a_signal_during_the_last_step_finishes_the_stage_then_stops(reference, 
     config, ref_out, _, _ = reference
     out = tmp_path / "run"
     stage = stages.build("teacher", config)
-    _interrupt_at_call(stage, config.teacher.max_steps, signal.SIGTERM)
+    signal_at_call(stage, config.teacher.max_steps, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
         train_stage(stage, config.teacher, out, config, progress=False)
     assert info.value.exit_code == 128 + signal.SIGTERM and info.value.step == config.teacher.max_steps
@@ -518,7 +506,7 @@ def _pipeline_interrupted_at(config, run_dir: Path, at: int, monkeypatch) -> Non
 
     def interrupting(name, run_config, **dirs):
         stage = build(name, run_config, **dirs)
-        _interrupt_at_call(stage, at)
+        signal_at_call(stage, at)
         return stage
 
     monkeypatch.setattr(stages, "build", interrupting)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from icot.training import stages
 from icot.training.causal_lm import lm_batch
 from icot.training.loop import train_stage
 from icot.training.stepwise import cut_encoded, removal_offsets, remove_cot_tokens
+from interrupts import signal_at_call
 
 
 def test_offsets_follow_exp_minus_lambda_o():
@@ -364,15 +363,7 @@ def test_gated_training_removes_sooner_and_logs_it(si_config, tmp_path):
 
 def _interrupt_at_step_17(stage, config, out):
     """Train ``stage`` into ``out`` until a SIGINT during step 17: the checkpoint is at step 17."""
-    loss, calls = stage.loss, [0]
-
-    def interrupting(module, batch):
-        calls[0] += 1
-        if calls[0] == 17:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(module, batch)
-
-    stage.loss = interrupting
+    signal_at_call(stage, 17)
     with pytest.raises(TrainingInterrupted):
         train_stage(stage, config.stepwise, out, config, progress=False)
 
