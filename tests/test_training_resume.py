@@ -28,9 +28,9 @@ from icot.pipeline import run_stages
 from icot.rundir import CHECKPOINT, STATE_FILE, can_resume, read_meta, recover_atomically, stage_is_done
 from icot.training import resume as resume_module
 from icot.training import stages
-from interrupts import signal_at_call
 from icot.training.causal_lm import CausalLMStage
 from icot.training.loop import lr_factor, setting_changes, train_stage
+from interrupts import signal_at_call
 
 TOLERANCE = 1e-5
 
