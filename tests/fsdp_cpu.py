@@ -50,17 +50,17 @@ def _reporting_prepare(accelerator, model):
 accelerate.accelerator.fsdp2_prepare_model = _reporting_prepare
 
 if os.environ.get("ICOT_TEST_SIGTERM_AT") and os.environ.get("RANK", "0") == "0":
-    from icot.training.causal_lm import CausalLMStage
+    from icot.training import stages
+    from interrupts import signal_at_call  # this script's folder, tests/, is first on sys.path
 
-    _loss, _calls = CausalLMStage.loss, [0]
+    _build = stages.build
 
-    def _signalling_loss(self, module, batch):
-        _calls[0] += 1
-        if _calls[0] == int(os.environ["ICOT_TEST_SIGTERM_AT"]):
-            os.kill(os.getpid(), signal.SIGTERM)
-        return _loss(self, module, batch)
+    def _signalling_build(name, config, **dirs):
+        stage = _build(name, config, **dirs)
+        signal_at_call(stage, int(os.environ["ICOT_TEST_SIGTERM_AT"]), signal.SIGTERM)
+        return stage
 
-    CausalLMStage.loss = _signalling_loss
+    stages.build = _signalling_build
 
 from icot.cli import main  # noqa: E402  (after the patches above)
 
