@@ -102,6 +102,14 @@ def test_train_speed_times_the_loop_from_its_own_logs(session_data):
     assert train_speed.matmul_peak(torch.float32, sizes=(64,), repeats=1)["gflops"] > 0
 
 
+def test_train_speed_compares_with_the_higher_peak_and_skips_an_emulated_bf16(monkeypatch):
+    assert train_speed.best_peak({"float32": {"gflops": 191.0}, "bfloat16": {"gflops": 814.0}}) == "bfloat16"
+    assert train_speed.best_peak({"float32": {"gflops": 76.0}}) == "float32"
+    measured = []
+    monkeypatch.setattr(train_speed, "matmul_peak", lambda dtype: measured.append(dtype) or {"gflops": 1.0})
+    assert set(train_speed.measure_peaks(1, bf16=False)) == {"float32"} and measured == [torch.float32]
+
+
 def test_si_summary_splits_the_schedule_at_the_cot_s_end(tmp_path):
     records = [{"event": "validate", "step": s, "examples": 32 * s, "val_cot_removed": float(min(s, 3)),
                 "val_accuracy": acc, "val_token_accuracy": 0.9, "val_eligible": float(s >= 3)}

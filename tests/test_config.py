@@ -222,7 +222,7 @@ def test_eval_sizes_are_checked_when_the_config_loads():
 
 @pytest.mark.parametrize(("key", "choices"), [
     ("teacher.lr_schedule", "'constant', 'linear', 'cosine'"),
-    ("couple.mixed_precision", "'no', 'fp16', 'bf16'"),
+    ("couple.mixed_precision", "'no', 'fp16', 'bf16', 'auto'"),
     ("nocot.log_with", "'', 'tensorboard', 'wandb', 'mlflow'"),
     ("model.tokenizer", "'word', 'bpe'"),
     ("kd.subset", "'diagonal', 'first_column', 'last_column', 'top_row', 'bottom_row'"),

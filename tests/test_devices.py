@@ -1,11 +1,12 @@
-"""Tests of icot.devices: the decode device and Accelerate's process state."""
+"""Tests of icot.devices: the decode device, Accelerate's process state and the mixed precision ``auto`` picks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from icot.devices import decode_device, process_state
+import icot.devices
+from icot.devices import cpu_bf16_speedup, decode_device, process_state, resolve_mixed_precision
 from icot.errors import ConfigError
 
 
@@ -21,3 +22,28 @@ def test_decode_device_resolves_auto_and_refuses_what_is_not_there():
         decode_device("cuda:99")
     with pytest.raises(ConfigError, match="meta tensor holds no values"):
         decode_device("meta")
+
+
+def test_cpu_bf16_speedup_is_a_measured_ratio():
+    speedup = cpu_bf16_speedup(64)
+    assert 0 < speedup < float("inf")
+    assert cpu_bf16_speedup(64) == speedup  # measured once per process
+
+
+@pytest.mark.parametrize("speedup, picked, said", [(3.0, "bf16", "3.0x as fast"), (0.02, "no", "50x slower")])
+def test_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, speedup, picked, said):
+    monkeypatch.setattr(icot.devices, "cpu_bf16_speedup", lambda: speedup)
+    precision, note = resolve_mixed_precision("auto", torch.device("cpu"))
+    assert precision == picked
+    assert note.startswith(f"mixed_precision auto -> {picked}: ") and said in note
+
+
+def test_explicit_precisions_are_kept_and_bf16_on_an_emulating_cpu_is_warned_about(monkeypatch):
+    monkeypatch.setattr(icot.devices, "cpu_bf16_speedup", lambda: 0.02)
+    assert resolve_mixed_precision("no", torch.device("cpu")) == ("no", "")
+    assert resolve_mixed_precision("fp16", torch.device("cpu")) == ("fp16", "")
+    precision, note = resolve_mixed_precision("bf16", torch.device("cpu"))
+    assert precision == "bf16" and note.startswith("warning:") and "50x slower" in note
+    monkeypatch.setattr(icot.devices, "cpu_bf16_speedup", lambda: 3.0)
+    assert resolve_mixed_precision("bf16", torch.device("cpu")) == ("bf16", "")
+    assert resolve_mixed_precision("auto", torch.device("meta"))[0] == "no"

@@ -11,12 +11,16 @@ import dataclasses
 import pytest
 import torch
 
+from icot.data import parse_line
 from icot.models.emulator import ThoughtEmulator
 from icot.models.implicit import ImplicitModel
 from icot.models.lm import load_lm_dir
 from icot.models.student import MindReadingStudent
+from icot.models.teacher_states import extract_teacher_states
 from icot.rundir import model_path, stage_is_done
+from icot.tokenizer import Layout
 from icot.training import stages
+from icot.training.distill import FrozenTeacher, paired_batch, paired_items
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # trained on a GPU or not
@@ -168,3 +172,26 @@ def test_emulator_validation_reports_r2_per_layer(kd_config, emulator_dir, train
     assert {k: v for k, v in metrics.items() if k.startswith("r2")} == pytest.approx(r2_metrics(fit))
     assert r2_metrics([0.5, None, 0.25]) == {"r2": 0.375, "r2_layer_0": 0.5, "r2_layer_2": 0.25}
     assert r2_metrics([None, None]) == {}  # no NaN in metrics.jsonl
+
+
+def test_the_teacher_reads_each_row_up_to_the_last_second_sep_only(kd_config, trained_teacher):
+    """Rows with CoTs of different lengths: the teacher's forward pass stops at the batch's last second ``<sep>``
+    and gives the states a forward pass over the whole padded rows gives."""
+    teacher = FrozenTeacher(str(trained_teacher), kd_config.kd)
+    layout = Layout(teacher.tokenizer)
+    examples = [parse_line("1 2 * 3 4||3 6 + 0 4 8 #### 3 0 2 4"),
+                parse_line("1 2 * 3 0||3 6 + 0 0 0 #### 3 6 0 0"),
+                parse_line("5 * 7||5 3 #### 5 3")]
+    batch = paired_batch(paired_items(layout, examples, "t"), layout.pad_id)
+    lengths = []
+    hook = teacher.lm.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    z, positions = teacher.states(batch)
+    hook.remove()
+    assert lengths == [int(batch["teacher_s2"].max()) + 1] and lengths[0] < batch["teacher_input_ids"].shape[1]
+    with torch.no_grad():
+        whole = teacher.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                           output_hidden_states=True)
+    torch.testing.assert_close(z, extract_teacher_states(whole.hidden_states, batch["teacher_s1"],
+                                                         batch["teacher_s2"], kd_config.kd.subset))
+    assert int(positions.max()) == int(batch["teacher_s2"].max())

@@ -139,8 +139,10 @@ class TrainConfig:
         eval_examples: validation lines decoded for exact-match accuracy.
         eval_batch_size: batch size of validation decoding.
         seed: seed of initialisation, data order and every random draw.
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (passed to Accelerate). On a CPU with AVX512_BF16
-            bf16 autocast trains a 2-layer 768-wide GPT-2 2.5x faster than fp32 (benchmarks/train_speed.py).
+        mixed_precision: ``no``, ``fp16``, ``bf16`` (passed to Accelerate) or ``auto``: bf16 where the device
+            runs it natively, else ``no`` (:func:`icot.devices.resolve_mixed_precision`). On a CPU with AVX512_BF16
+            bf16 autocast trains a 2-layer 768-wide GPT-2 2.5x faster than fp32 (benchmarks/train_speed.py); on
+            one without it, torch emulates bf16 and a step is 10x slower or worse.
         compile: compile the training forward with ``torch.compile`` (inductor, dynamic shapes) through
             Accelerate; 1.3-1.5x per step on this CPU after a compilation of 20-40 s.
         init_from: start from this stage's output directory (empty: the stage's own default).
@@ -168,7 +170,7 @@ class TrainConfig:
     eval_examples: int = 200
     eval_batch_size: int = 128
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     compile: bool = False
     init_from: str = ""
     log_every: int = 50

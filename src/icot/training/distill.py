@@ -80,9 +80,14 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher states ``z`` (B, L, H) and the positions ``t_l`` they were read at (B, L)."""
-        out = self.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                      output_hidden_states=True)
+        """The teacher states ``z`` (B, L, H) and the positions ``t_l`` they were read at (B, L).
+
+        The teacher reads each row only up to the batch's last second ``<sep>``: under causal attention no later
+        token reaches a state at or before it, and the answer (a sixth of a 4x4 row) is not worth a forward pass.
+        """
+        end = int(batch["teacher_s2"].max()) + 1
+        out = self.lm(input_ids=batch["teacher_input_ids"][:, :end],  # (B, end)
+                      attention_mask=batch["teacher_attention_mask"][:, :end], output_hidden_states=True)
         layers, positions = teacher_positions(batch["teacher_s1"], batch["teacher_s2"], len(out.hidden_states) - 1,
                                               self.kd.subset, self.kd.delta)
         return gather_teacher_states(out.hidden_states, layers, positions), positions

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from icot.config import IcotConfig, TrainConfig, output_settings, save_config
+from icot.devices import process_state, resolve_mixed_precision
 from icot.errors import CheckpointError, ConfigError, TrainingInterrupted
 from icot.progress import progress_bar
 from icot.rundir import (
@@ -233,12 +235,15 @@ def _accelerator(stage: Stage, cfg: TrainConfig, out_dir: Path) -> Accelerator:
     # same private one.
     shared = AcceleratorState._shared_state
     last_dynamo = getattr(shared.get("dynamo_plugin"), "backend", dynamo.backend)
-    if shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision or last_dynamo != dynamo.backend:
+    precision, note = resolve_mixed_precision(cfg.mixed_precision, process_state().device)
+    if note and process_state().is_main_process:
+        print(f"[icot] {stage.name}: {note}", file=sys.stderr)
+    if shared.get("_mixed_precision", precision) != precision or last_dynamo != dynamo.backend:
         AcceleratorState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.unused_parameters)
     if cfg.log_with and not _tracker_available(cfg.log_with):
         raise ConfigError(f"field '{stage.name}.log_with': {cfg.log_with} is not installed (pip install {cfg.log_with})")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
                               kwargs_handlers=[ddp], dynamo_plugin=dynamo, log_with=cfg.log_with or None,
                               project_dir=str(out_dir / "tracking") if cfg.log_with else None)
     if accelerator.distributed_type in SHARDED:
