@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
+import torch
 
+import icot.config
+import icot.devices
 from icot.config import (
     METHODS,
     GenerateConfig,
     IcotConfig,
     TrainConfig,
     load_config,
+    output_settings,
     parse_sizes,
     save_config,
 )
@@ -339,3 +344,12 @@ def test_choices_are_checked_for_a_config_changed_in_code(section, field_name, v
         dataclasses.replace(config, **{section: changed})
     with pytest.raises(ConfigError, match=r"field 'methods': must be one of .*got 'magic'"):
         dataclasses.replace(config, methods=["nocot", "magic"])
+
+
+@pytest.mark.parametrize("native, resolved", [(True, "bf16"), (False, "no")])
+def test_output_settings_give_the_mixed_precision_auto_resolves_to(monkeypatch, native, resolved):
+    monkeypatch.setattr(icot.devices, "cpu_runs_bf16_natively", lambda: (native, ""))
+    monkeypatch.setattr(icot.config, "process_state", lambda: types.SimpleNamespace(device=torch.device("cpu")))
+    config = load_config(None, {"teacher": {"mixed_precision": "auto"}, "nocot": {"mixed_precision": "bf16"}})
+    settings = output_settings(config, ("teacher", "nocot"))
+    assert settings["teacher.mixed_precision"] == resolved and settings["nocot.mixed_precision"] == "bf16"

@@ -193,5 +193,5 @@ def test_the_teacher_reads_each_row_up_to_the_last_second_sep_only(kd_config, tr
         whole = teacher.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                            output_hidden_states=True)
     torch.testing.assert_close(z, extract_teacher_states(whole.hidden_states, batch["teacher_s1"],
-                                                         batch["teacher_s2"], kd_config.kd.subset))
+                                                         batch["teacher_s2"], kd_config.kd.subset, kd_config.kd.delta))
     assert int(positions.max()) == int(batch["teacher_s2"].max())

@@ -474,23 +474,25 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(ti
     assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])
 
 
-@pytest.mark.parametrize("speedup, dtype", [(3.0, torch.bfloat16), (0.02, torch.float32)])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trains on the GPU there, which decides by itself")
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_mixed_precision_trains_in_what_the_device_runs_natively(tiny_config, tmp_path, monkeypatch, capsys,
-                                                                      speedup, dtype):
-    """``mixed_precision: auto`` autocasts to bf16 on a CPU whose bf16 products are faster than fp32 and trains in
-    fp32 on one that emulates bf16, saying which on stderr; the saved config keeps ``auto``."""
-    monkeypatch.setattr(icot.devices, "cpu_bf16_speedup", lambda: speedup)
+                                                                      native, dtype):
+    """``mixed_precision: auto`` autocasts to bf16 on a CPU with native bf16 and trains in fp32 on one that
+    emulates it, saying which on stderr and in the stage's result; the saved config keeps ``auto``."""
+    monkeypatch.setattr(icot.devices, "cpu_runs_bf16_natively", lambda: (native, "the reason"))
     teacher = dataclasses.replace(tiny_config.teacher, mixed_precision="auto", max_steps=2, eval_every=0)
     config = dataclasses.replace(tiny_config, teacher=teacher)
     stage = stages.build("teacher", config)
     seen: set[torch.dtype] = set()
     stage.module.transformer.h[0].mlp.c_fc.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
 
-    train_stage(stage, config.teacher, tmp_path / "teacher", config, progress=False)
+    result = train_stage(stage, config.teacher, tmp_path / "teacher", config, progress=False)
 
     assert seen == {dtype}
-    picked = "bf16" if dtype == torch.bfloat16 else "no"
-    assert f"[icot] teacher: mixed_precision auto -> {picked}" in capsys.readouterr().err
+    picked = "bf16" if native else "no"
+    assert f"[icot] teacher: mixed_precision auto -> {picked}: the reason" in capsys.readouterr().err
+    assert result["mixed_precision"] == picked and read_meta(tmp_path / "teacher")["mixed_precision"] == picked
     assert load_config(tmp_path / "teacher" / "config.yaml").teacher.mixed_precision == "auto"
 
 

@@ -368,6 +368,18 @@ def test_resume_with_a_longer_budget_applies_it_and_logs_the_change(reference, t
     _assert_same_records(before, [r for r in _records(ref_out) if r["step"] <= 5])
 
 
+def test_resume_in_another_mixed_precision_applies_it_and_logs_the_change(reference, tmp_path):
+    """A run moved to a machine where ``auto`` resolves otherwise (or resumed with another precision) continues
+    in the new precision, and the record says so."""
+    config, _, _, _ = reference
+    out = _interrupted(config, tmp_path / "run", at=5)
+    bf16 = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, mixed_precision="bf16"))
+    _, result = _train(bf16, out, resume=True)
+    assert result["steps"] == config.teacher.max_steps and result["mixed_precision"] == "bf16"
+    changes = [r for r in _records(out) if r["event"] == "resume"]
+    assert changes == [{"event": "resume", "step": 5, "changed": {"teacher.mixed_precision": ["no", "bf16"]}}]
+
+
 def test_resume_can_anneal_a_constant_rate_from_the_resumed_step(reference, tmp_path):
     """A plateaued constant-rate run resumed under a cosine decay: the rate after the resume is the new
     schedule's at each step, the peak stays the checkpoint's, and the change is in the record."""

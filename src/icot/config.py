@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentParser
 
+from icot.devices import process_state, resolve_mixed_precision
 from icot.errors import ConfigError
 
 
@@ -425,7 +426,8 @@ NEUTRAL_DATA = ("test",)
 
 def output_settings(config: IcotConfig, sections: Sequence[str]) -> dict[str, Any]:
     """``{"section.field": value}`` of ``sections`` that can change a stage's output, as JSON gives them
-    back (tuples as lists), with the training and validation files as absolute paths."""
+    back (tuples as lists), with the training and validation files as absolute paths and each
+    ``mixed_precision`` as it resolves on this process's device (``auto`` is bf16 or no)."""
     flat: dict[str, Any] = {}
     for name, values in config.section(*sections).items():
         if not isinstance(values, dict):
@@ -436,6 +438,8 @@ def output_settings(config: IcotConfig, sections: Sequence[str]) -> dict[str, An
                 continue
             if name == "data" and key in ("train", "valid") and value:
                 value = str(Path(value).resolve())
+            if key == "mixed_precision":  # what the stage trains with on this device: ``auto`` resolved
+                value = resolve_mixed_precision(value, process_state().device)[0]
             flat[f"{name}.{key}"] = value
     return json.loads(json.dumps(flat))
 

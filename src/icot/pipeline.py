@@ -93,9 +93,15 @@ def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
 
 def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
     # Read through load_config: a saved field that is unknown or out of range is a one-line error naming
-    # the file, and fields added since the stage ran compare at their defaults.
+    # the file, and fields added since the stage ran compare at their defaults. A finished stage is reused
+    # whatever precision it trained in (bf16 on one machine, fp32 on another): that is speed and rounding, not
+    # what the stage is.
     saved = load_config(stage_dir / "config.yaml")
-    return output_settings(saved, sections) == output_settings(config, sections)
+
+    def settings(c: IcotConfig) -> dict[str, Any]:
+        return {k: v for k, v in output_settings(c, sections).items() if not k.endswith(".mixed_precision")}
+
+    return settings(saved) == settings(config)
 
 
 def check_data(config: IcotConfig) -> None:
