@@ -86,9 +86,9 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert not test_inputs & train_inputs
 
     # A second run with the same config skips every stage; a changed couple section reruns only couple. A finished
-    # stage is reused whatever precision it trained in (the teacher's precision differs here).
+    # stage is reused whatever precision it trained in and whether it was compiled (the teacher's differ here).
     capsys.readouterr()
-    assert main(args + ["--couple.lr", "2e-3", "--teacher.mixed_precision", "bf16"]) == 0
+    assert main(args + ["--couple.lr", "2e-3", "--teacher.mixed_precision", "bf16", "--teacher.compile", "true"]) == 0
     out = capsys.readouterr().out
     for name in ("teacher", "nocot", "student", "emulator", "stepwise"):
         assert f"stage {name}: already done" in out

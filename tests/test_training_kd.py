@@ -20,6 +20,7 @@ from icot.models.teacher_states import extract_teacher_states
 from icot.rundir import model_path, stage_is_done
 from icot.tokenizer import Layout
 from icot.training import stages
+from icot.training.causal_lm import lm_batch
 from icot.training.distill import FrozenTeacher, paired_batch, paired_items
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -175,23 +176,24 @@ def test_emulator_validation_reports_r2_per_layer(kd_config, emulator_dir, train
 
 
 def test_the_teacher_reads_each_row_up_to_the_last_second_sep_only(kd_config, trained_teacher):
-    """Rows with CoTs of different lengths: the teacher's forward pass stops at the batch's last second ``<sep>``
-    and gives the states a forward pass over the whole padded rows gives."""
+    """Rows with CoTs of different lengths: the paired batch cuts the teacher's rows after the batch's last second
+    ``<sep>`` (on the host), and the states read from the cut rows are those of the whole padded rows."""
     teacher = FrozenTeacher(str(trained_teacher), kd_config.kd)
     layout = Layout(teacher.tokenizer)
     examples = [parse_line("1 2 * 3 4||3 6 + 0 4 8 #### 3 0 2 4"),
                 parse_line("1 2 * 3 0||3 6 + 0 0 0 #### 3 6 0 0"),
                 parse_line("5 * 7||5 3 #### 5 3")]
-    batch = paired_batch(paired_items(layout, examples, "t"), layout.pad_id)
-    lengths = []
-    hook = teacher.lm.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    items = paired_items(layout, examples, "t")
+    batch = paired_batch(items, layout.pad_id)
+    whole = lm_batch([it.explicit for it in items], layout.pad_id)  # the uncut explicit rows
+    end = int(whole["s2"].max()) + 1
+    assert batch["teacher_input_ids"].shape == (3, end) and end < whole["input_ids"].shape[1]
+    assert torch.equal(batch["teacher_input_ids"], whole["input_ids"][:, :end])
+    assert torch.equal(batch["teacher_s2"], whole["s2"]) and torch.equal(batch["teacher_s1"], whole["s1"])
     z, positions = teacher.states(batch)
-    hook.remove()
-    assert lengths == [int(batch["teacher_s2"].max()) + 1] and lengths[0] < batch["teacher_input_ids"].shape[1]
     with torch.no_grad():
-        whole = teacher.lm(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                           output_hidden_states=True)
-    torch.testing.assert_close(z, extract_teacher_states(whole.hidden_states, batch["teacher_s1"],
-                                                         batch["teacher_s2"], kd_config.kd.subset, kd_config.kd.delta))
-    assert int(positions.max()) == int(batch["teacher_s2"].max())
+        full = teacher.lm(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"],
+                          output_hidden_states=True)
+    torch.testing.assert_close(z, extract_teacher_states(full.hidden_states, whole["s1"], whole["s2"],
+                                                         kd_config.kd.subset, kd_config.kd.delta))
+    assert int(positions.max()) == end - 1

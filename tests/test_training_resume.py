@@ -380,6 +380,22 @@ def test_resume_in_another_mixed_precision_applies_it_and_logs_the_change(refere
     assert changes == [{"event": "resume", "step": 5, "changed": {"teacher.mixed_precision": ["no", "bf16"]}}]
 
 
+def test_resume_with_a_compiled_forward_gives_the_eager_runs_losses(reference, tmp_path):
+    """Compilation may be switched on when a run resumes (the same computation, faster): the record logs the
+    change, and the losses after the resume follow the uninterrupted eager run's on the same batches (within 2%:
+    compiled kernels round, and draw dropout masks, differently)."""
+    config, ref_out, _, _ = reference
+    out = _interrupted(config, tmp_path / "run", at=5)
+    compiled = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, compile=True))
+    _, result = _train(compiled, out, resume=True)
+    assert result["steps"] == config.teacher.max_steps and result["compile"] is True
+    records = _records(out)
+    changes = [r for r in records if r["event"] == "resume"]
+    assert changes == [{"event": "resume", "step": 5, "changed": {"teacher.compile": [False, True]}}]
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert losses == pytest.approx([r["loss"] for r in _records(ref_out) if r["event"] == "train"], rel=0.02)
+
+
 def test_resume_can_anneal_a_constant_rate_from_the_resumed_step(reference, tmp_path):
     """A plateaued constant-rate run resumed under a cosine decay: the rate after the resume is the new
     schedule's at each step, the peak stays the checkpoint's, and the change is in the record."""

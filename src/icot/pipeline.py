@@ -52,6 +52,8 @@ METHOD_ROWS = {"nocot": ("no-cot", "nocot"), "explicit": ("explicit-cot", "teach
                "icot-si": ("icot-si", "stepwise")}
 BATCHED_ROW = {"nocot": "no-cot-batched", "explicit": "explicit-cot-batched", "icot-kd": "icot-kd-batched",
                "icot-si": "icot-si-batched"}
+# Training fields that change how fast a stage trains, not what it learns: a finished stage is reused across them.
+SPEED_FIELDS = ("mixed_precision", "compile")
 
 
 def stages_for(config: IcotConfig) -> list[str]:
@@ -94,12 +96,12 @@ def generate_data(config: IcotConfig, run_dir: Path) -> IcotConfig:
 def _same_config(stage_dir: Path, config: IcotConfig, sections: tuple[str, ...]) -> bool:
     # Read through load_config: a saved field that is unknown or out of range is a one-line error naming
     # the file, and fields added since the stage ran compare at their defaults. A finished stage is reused
-    # whatever precision it trained in (bf16 on one machine, fp32 on another): that is speed and rounding, not
-    # what the stage is.
+    # whatever precision it trained in (bf16 on one machine, fp32 on another) and whether it was compiled: that
+    # is speed and rounding, not what the stage is.
     saved = load_config(stage_dir / "config.yaml")
 
     def settings(c: IcotConfig) -> dict[str, Any]:
-        return {k: v for k, v in output_settings(c, sections).items() if not k.endswith(".mixed_precision")}
+        return {k: v for k, v in output_settings(c, sections).items() if k.rsplit(".", 1)[-1] not in SPEED_FIELDS}
 
     return settings(saved) == settings(config)
 

@@ -53,8 +53,15 @@ def paired_items(layout: Layout, examples: Sequence[Example], path: str) -> list
 
 
 def paired_batch(items: Sequence[PairedItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """``teacher_*`` tensors of the explicit layout and the student's no-CoT tensors."""
+    """``teacher_*`` tensors of the explicit layout and the student's no-CoT tensors.
+
+    The teacher's rows end at the batch's last second ``<sep>``: under causal attention no later token reaches a
+    state at or before it, so the answer (a sixth of a 4x4 row) is not worth a forward pass. Cutting here, on the
+    host, spares the device a sync that reading the cut from ``teacher_s2`` there would cost each step.
+    """
     teacher = lm_batch([it.explicit for it in items], pad_id)
+    end = max(it.explicit.s2 for it in items) + 1
+    teacher = {k: v[:, :end] if v.dim() == 2 else v for k, v in teacher.items()}  # (B, end) rows; s1, s2 (B,)
     student = lm_batch([it.nocot for it in items], pad_id)
     return {**{f"teacher_{k}": v for k, v in teacher.items()}, **student}
 
@@ -82,12 +89,10 @@ class FrozenTeacher(nn.Module):
     def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher states ``z`` (B, L, H) and the positions ``t_l`` they were read at (B, L).
 
-        The teacher reads each row only up to the batch's last second ``<sep>``: under causal attention no later
-        token reaches a state at or before it, and the answer (a sixth of a 4x4 row) is not worth a forward pass.
+        The teacher reads the rows as given: ``paired_batch`` has cut them after the last second ``<sep>``.
         """
-        end = int(batch["teacher_s2"].max()) + 1
-        out = self.lm(input_ids=batch["teacher_input_ids"][:, :end],  # (B, end)
-                      attention_mask=batch["teacher_attention_mask"][:, :end], output_hidden_states=True)
+        out = self.lm(input_ids=batch["teacher_input_ids"],  # (B, T)
+                      attention_mask=batch["teacher_attention_mask"], output_hidden_states=True)
         layers, positions = teacher_positions(batch["teacher_s1"], batch["teacher_s2"], len(out.hidden_states) - 1,
                                               self.kd.subset, self.kd.delta)
         return gather_teacher_states(out.hidden_states, layers, positions), positions

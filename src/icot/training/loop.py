@@ -75,12 +75,13 @@ from icot.training.signals import StopSignals
 
 # A resumed run may change these fields of its own section: how long it trains, how often it validates,
 # the shape of its learning-rate decay from the resumed step on (annealing a run that has plateaued; a new
-# max_steps already moves a decay's end) and its mixed precision (a run moved to a machine without native bf16),
-# not its peak rate, batch or data. The neutral fields
+# max_steps already moves a decay's end), its mixed precision (a run moved to a machine without native bf16) and
+# whether its forward is compiled (the same computation, faster after a compilation), not its peak rate, batch
+# or data. The neutral fields
 # (config.NEUTRAL_FIELDS: logging, saving, trackers) may change anywhere; any other change in the sections
 # the stage depends on, or in the stage directories it reads, is refused.
 RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size",
-             "lr_schedule", "min_lr_ratio", "mixed_precision")
+             "lr_schedule", "min_lr_ratio", "mixed_precision", "compile")
 
 
 class Stage:
@@ -615,7 +616,8 @@ class _Trainer:
             raise RuntimeError(f"{self.stage.name}: no validation was eligible for keeping; train longer")
         result = {"steps": p.step, "examples": p.examples, "seconds": self._elapsed(), "best": p.best,
                   "stopped_by": self.stopped_by or self._budget_name(),
-                  "mixed_precision": self.accelerator.mixed_precision}  # this sitting's, ``auto`` resolved
+                  "mixed_precision": self.accelerator.mixed_precision,  # this sitting's, ``auto`` resolved
+                  "compile": self.cfg.compile}
         if self.main:
             write_meta(self.out_dir, {"kind": "stage", "stage": self.stage.name, "model": BEST, "status": "done",
                                       **result})
