@@ -126,6 +126,8 @@ def test_extract_teacher_states_errors():
         extract_teacher_states(hidden_states, S1, S2)  # s2 = 10 >= T = 8
     with pytest.raises(ValueError, match="L\\+1"):
         extract_teacher_states(hidden_states[:1], S1, S2)
+    with pytest.raises(ValueError, match="hidden_states\\[1\\] is None"):
+        extract_teacher_states((hidden_states[0], None, *hidden_states[2:]), torch.tensor([1, 2]), torch.tensor([5, 6]))
 
 
 def tiny_gpt2():

@@ -23,6 +23,7 @@ from icot.training import stages
 from icot.training.causal_lm import lm_batch
 from icot.training.distill import FrozenTeacher, paired_batch, paired_items
 
+
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # trained on a GPU or not
 

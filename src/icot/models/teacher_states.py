@@ -159,17 +159,18 @@ def gather_teacher_states(hidden_states: Sequence[torch.Tensor], layers: torch.T
     positions = positions.to(device)
     if positions.shape[0] != B:
         raise ValueError(f"the positions have {positions.shape[0]} rows but the hidden states a batch of {B}")
-    if positions.numel() and int(positions.max()) >= T:
+    missing = [k for k, h in enumerate(hidden_states[:-1]) if h is None]
+    if missing:
+        raise ValueError(f"hidden_states[{missing[0]}] is None: the forward pass did not record it")
+    # The range check reads a number back from the device: on a CPU that is free, on a GPU (or inside a compiled
+    # graph) it would stall each step, and an index out of range fails there inside the gather anyway.
+    if device.type == "cpu" and not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= T:
         raise ValueError(f"teacher position {int(positions.max())} is outside the sequence of length {T}")
-    rows = torch.arange(B, device=device)  # (B,)
-    z = []
-    # A loop over the L layers only (each may read a different tensor); rows are gathered at once.
-    for l, k in enumerate(layers.tolist()):
-        h = hidden_states[k]  # (B, T, H)
-        if h is None:
-            raise ValueError(f"hidden_states[{k}] is None: the forward pass did not record it")
-        z.append(h[rows, positions[:, l]])  # (B, H)
-    z = torch.stack(z, dim=1)  # (B, L, H)
+    # One gather over the stacked block inputs, no loop and no read-back of ``layers``: each row takes, for each l,
+    # hidden_states[layers[l]] at positions[:, l].
+    stacked = torch.stack(hidden_states[:-1])  # (L, B, T, H)
+    rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+    z = stacked[layers.to(device)[None, :], rows, positions]  # (B, L, H)
     return F.layer_norm(z, (H,))
 
 

@@ -616,8 +616,8 @@ class _Trainer:
             raise RuntimeError(f"{self.stage.name}: no validation was eligible for keeping; train longer")
         result = {"steps": p.step, "examples": p.examples, "seconds": self._elapsed(), "best": p.best,
                   "stopped_by": self.stopped_by or self._budget_name(),
-                  "mixed_precision": self.accelerator.mixed_precision,  # this sitting's, ``auto`` resolved
-                  "compile": self.cfg.compile}
+                  # this sitting's (a resume may have changed them), ``auto`` resolved
+                  "mixed_precision": self.accelerator.mixed_precision, "compile": self.cfg.compile}
         if self.main:
             write_meta(self.out_dir, {"kind": "stage", "stage": self.stage.name, "model": BEST, "status": "done",
                                       **result})
