@@ -198,3 +198,12 @@ def test_the_teacher_reads_each_row_up_to_the_last_second_sep_only(kd_config, tr
     torch.testing.assert_close(z, extract_teacher_states(full.hidden_states, whole["s1"], whole["s2"],
                                                          kd_config.kd.subset, kd_config.kd.delta))
     assert int(positions.max()) == end - 1
+
+
+def test_paired_rows_put_the_second_sep_after_the_first_even_with_an_empty_cot(kd_config, trained_teacher):
+    """``teacher_positions`` checks s2 > s1 only on the CPU (a read-back would stall a GPU each step); the paired
+    batch must hold it by construction, down to an empty CoT."""
+    layout = Layout(FrozenTeacher(str(trained_teacher), kd_config.kd).tokenizer)
+    examples = [parse_line("5 * 7|| #### 5 3", allow_empty_cot=True), parse_line("5 * 7||5 3 #### 5 3")]
+    batch = paired_batch(paired_items(layout, examples, "t"), layout.pad_id)
+    assert torch.equal(batch["teacher_s2"] - batch["teacher_s1"], torch.tensor([1, 3]))

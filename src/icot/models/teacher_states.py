@@ -72,7 +72,8 @@ def teacher_positions(
         ``(layers, positions)``: (L,) long indices into ``output_hidden_states`` and (B, L) long positions.
 
     Raises:
-        ValueError: on an unknown subset or delta, ``n_layers < 1``, mismatched shapes, or ``s2 <= s1``.
+        ValueError: on an unknown subset or delta, ``n_layers < 1``, mismatched shapes, or ``s2 <= s1`` (checked
+            for tensors on the CPU only, see below).
     """
     if subset not in SUBSETS:
         raise ValueError(f"unknown teacher-state subset {subset!r}; valid subsets: {', '.join(SUBSETS)}")
@@ -90,9 +91,13 @@ def teacher_positions(
     if s1.is_floating_point() or s2.is_floating_point():
         raise ValueError("s1 and s2 must be integer tensors")
     s1, s2 = s1.long(), s2.long()
-    bad = (s2 <= s1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"second <sep> must come after the first; rows {bad} have s2 <= s1")
+    # Reading the check's result back stalls a GPU each step (and breaks a compiled graph), so it runs where that is
+    # free. On a device the rows come from ``paired_batch``, whose explicit encodings put the second <sep> after the
+    # first by construction.
+    if s1.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (s2 <= s1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"second <sep> must come after the first; rows {bad} have s2 <= s1")
 
     B, L = s1.shape[0], n_layers
     layer = torch.arange(L, device=s1.device)  # (L,)
