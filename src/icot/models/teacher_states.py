@@ -29,6 +29,12 @@ import torch.nn.functional as F
 from icot.config import SUBSETS
 
 
+def _read_back_is_free(device: torch.device) -> bool:
+    """Whether a check may read a value back from ``device``: free on a CPU in eager mode; on a GPU it stalls each
+    step, and inside a compiled graph it is a graph break."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _dynamic_positions(s1: torch.Tensor, s2: torch.Tensor, n_layers: int) -> torch.Tensor:
     """``round(s1 + l * (s2 - s1) / (L - 1))`` for every row and layer, exactly, rounding half to even.
 
@@ -91,10 +97,9 @@ def teacher_positions(
     if s1.is_floating_point() or s2.is_floating_point():
         raise ValueError("s1 and s2 must be integer tensors")
     s1, s2 = s1.long(), s2.long()
-    # Reading the check's result back stalls a GPU each step (and breaks a compiled graph), so it runs where that is
-    # free. On a device the rows come from ``paired_batch``, whose explicit encodings put the second <sep> after the
-    # first by construction.
-    if s1.device.type == "cpu" and not torch.compiler.is_compiling():
+    # Elsewhere the rows come from the layout's explicit encodings (``paired_batch``, ``lm_batch``), which put the
+    # second <sep> after the first by construction.
+    if _read_back_is_free(s1.device):
         bad = (s2 <= s1).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"second <sep> must come after the first; rows {bad} have s2 <= s1")
@@ -167,9 +172,8 @@ def gather_teacher_states(hidden_states: Sequence[torch.Tensor], layers: torch.T
     missing = [k for k, h in enumerate(hidden_states[:-1]) if h is None]
     if missing:
         raise ValueError(f"hidden_states[{missing[0]}] is None: the forward pass did not record it")
-    # The range check reads a number back from the device: on a CPU that is free, on a GPU (or inside a compiled
-    # graph) it would stall each step, and an index out of range fails there inside the gather anyway.
-    if device.type == "cpu" and not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= T:
+    # Elsewhere an index out of range fails inside the gather anyway.
+    if _read_back_is_free(device) and positions.numel() and int(positions.max()) >= T:
         raise ValueError(f"teacher position {int(positions.max())} is outside the sequence of length {T}")
     # One gather over the stacked block inputs, no loop and no read-back of ``layers``: each row takes, for each l,
     # hidden_states[layers[l]] at positions[:, l].
