@@ -2,10 +2,11 @@
 
 Each ``--run LABEL=DIR`` names a pipeline output directory (or any directory holding ``student/``,
 ``emulator/``, ``couple/`` and optionally ``nocot/`` stage directories); stages a run has not reached
-are left out. The plot has three panels: the student reading the teacher's states (its exact match is
-ICoT-KD's ceiling), the emulator's R² against the teacher states, and the coupled model beside the
-no-CoT model (exact match solid, token accuracy dotted). The printed table, also written as JSON beside
-the plot, gives each stage's best validation and its examples.
+are left out. The plot has up to three panels, each drawn only when some run reached it: the student
+reading the teacher's states (its exact match is ICoT-KD's ceiling), the emulator's R² against the
+teacher states, and the coupled model beside the no-CoT model (exact match solid, token accuracy
+dotted). The printed table, also written as JSON beside the plot, gives each stage's best validation and
+its examples.
 
     python benchmarks/kd_curves.py --run 4L256d=runs/si-3x3 --out results/kd-candidates/3x3.png
 """
@@ -48,41 +49,69 @@ def summary(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+# Each panel: its stages and its title. A panel no run has reached is left out of the figure.
+PANELS = (
+    (("student",), "student on teacher states (ceiling)"),
+    (("emulator",), "emulator R² (dotted: per layer)"),
+    (("couple", "nocot"), "coupled model (dashed: no-CoT)"),
+)
+
+
+def panels_reached(runs: dict[str, Path]) -> list[tuple[tuple[str, ...], str]]:
+    """The panels of ``PANELS`` for which at least one run has validations."""
+    return [(stages, title) for stages, title in PANELS
+            if any(stage_validations(d / stage) for d in runs.values() for stage in stages)]
+
+
+def draw_exact(ax, run_dir: Path, stage: str, label: str, colour: str, style: str) -> None:
+    """A stage's dev exact match (``style``) and token accuracy (dotted) against examples seen."""
+    vals = stage_validations(run_dir / stage)
+    if not vals:
+        return
+    x = [v["examples"] for v in vals]
+    ax.plot(x, [v["val_accuracy"] for v in vals], style, color=colour, label=f"{label} exact")
+    if "val_token_accuracy" in vals[0]:
+        ax.plot(x, [v["val_token_accuracy"] for v in vals], ":", color=colour, alpha=0.7)
+
+
+def draw_r2(ax, run_dir: Path, label: str, colour: str) -> None:
+    """The emulator's mean R² (solid) and each layer's (dotted) against examples seen."""
+    vals = [v for v in stage_validations(run_dir / "emulator") if "val_r2" in v]
+    if not vals:
+        return
+    x = [v["examples"] for v in vals]
+    ax.plot(x, [v["val_r2"] for v in vals], "-", color=colour, label=f"{label} mean")
+    for k in sorted(k for k in vals[0] if k.startswith("val_r2_layer_")):
+        ax.plot(x, [v.get(k) for v in vals], ":", color=colour, alpha=0.5)
+
+
 def plot(runs: dict[str, Path], path: Path) -> None:
-    """Three panels (student, emulator, couple with no-CoT) against examples seen; one colour per run."""
+    """One panel per stage group some run reached (student, emulator, couple with no-CoT); one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (student, emulator, couple) = plt.subplots(1, 3, figsize=(15, 4))
-    for i, (label, run_dir) in enumerate(runs.items()):
-        colour = f"C{i}"
-        for ax, stage, style in ((student, "student", "-"), (couple, "couple", "-"), (couple, "nocot", "--")):
-            vals = stage_validations(run_dir / stage)
-            if not vals:
-                continue
-            x = [v["examples"] for v in vals]
-            name = label if stage != "nocot" else f"{label} no-CoT"
-            ax.plot(x, [v["val_accuracy"] for v in vals], style, color=colour, label=f"{name} exact")
-            if "val_token_accuracy" in vals[0]:
-                ax.plot(x, [v["val_token_accuracy"] for v in vals], ":", color=colour, alpha=0.7)
-        vals = [v for v in stage_validations(run_dir / "emulator") if "val_r2" in v]
-        if vals:
-            x = [v["examples"] for v in vals]
-            emulator.plot(x, [v["val_r2"] for v in vals], "-", color=colour, label=f"{label} mean")
-            layers = sorted(k for k in vals[0] if k.startswith("val_r2_layer_"))
-            for k in layers:
-                emulator.plot(x, [v.get(k) for v in vals], ":", color=colour, alpha=0.5)
-    titles = ("student on teacher states (ceiling)", "emulator R² (dotted: per layer)",
-              "coupled model (dashed: no-CoT)")
-    for ax, title in zip((student, emulator, couple), titles):
+    panels = panels_reached(runs)
+    if not panels:
+        raise ValueError(f"no stage of {', '.join(map(str, runs.values()))} has a validation to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (stages, title) in zip(axes[0], panels):
+        for i, (label, run_dir) in enumerate(runs.items()):
+            colour = f"C{i}"
+            for stage in stages:
+                if stage == "emulator":
+                    draw_r2(ax, run_dir, label, colour)
+                elif stage == "nocot":
+                    draw_exact(ax, run_dir, stage, f"{label} no-CoT", colour, "--")
+                else:
+                    draw_exact(ax, run_dir, stage, label, colour, "-")
         ax.set_title(title)
         ax.set_xlabel("training examples")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    student.set_ylabel("dev exact match (dotted: token accuracy)")
+    axes[0][0].set_ylabel("dev exact match (dotted: token accuracy)")
     save_figure(fig, path)
 
 

@@ -156,6 +156,20 @@ def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_pat
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path):
+    student_only, nowhere = tmp_path / "student-only", tmp_path / "nowhere"
+    (student_only / "student").mkdir(parents=True)
+    nowhere.mkdir()
+    (student_only / "student" / "metrics.jsonl").write_text(json.dumps(
+        {"event": "validate", "step": 10, "examples": 320, "val_accuracy": 0.0, "val_token_accuracy": 0.5}) + "\n")
+    titles = [title for _, title in kd_curves.panels_reached({"a": student_only, "b": nowhere})]
+    assert titles == ["student on teacher states (ceiling)"]  # no empty emulator or couple panel
+    kd_curves.plot({"a": student_only}, tmp_path / "student.png")
+    assert (tmp_path / "student.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no stage of .*nowhere has a validation"):
+        kd_curves.plot({"b": nowhere}, tmp_path / "none.png")
+
+
 def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, student_dir, emulator_dir, monkeypatch,
                                               capsys):
     from icot.data import read_examples
