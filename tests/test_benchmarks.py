@@ -184,3 +184,43 @@ def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, studen
     got, ceiling = json.loads(capsys.readouterr().out), expected["student_with_teacher_states"]
     assert got["n"] == ceiling["n"] and got["accuracy"] == pytest.approx(ceiling["accuracy"])
     assert got["digit_accuracy"] == pytest.approx(ceiling["digit_accuracy"])
+
+
+def test_kd_ceiling_scores_the_student_of_the_latest_checkpoint_when_asked(kd_config, trained_teacher, student_dir,
+                                                                             tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from accelerate import Accelerator
+
+    from icot.config import KDConfig
+    from icot.models.student import MindReadingStudent
+    from icot.rundir import model_path
+    from icot.training.distill import FrozenTeacher
+    from icot.training.resume import save_checkpoint
+    from icot.training.student import StudentWithTeacher
+
+    def ceiling(student: Path, *flags: str) -> dict:
+        monkeypatch.setattr("sys.argv", ["kd_ceiling", "--teacher", str(trained_teacher), "--student", str(student),
+                                         "--test", kd_config.data.test, *flags])
+        kd_ceiling.main()
+        return json.loads(capsys.readouterr().out)
+
+    stage = tmp_path / "student"
+    shutil.copytree(student_dir, stage)
+    with pytest.raises(SystemExit, match="holds no training checkpoint"):
+        ceiling(stage, "--checkpoint")  # a finished stage keeps none
+    # A checkpoint as the loop writes it (the student beside the teacher), of a student that moved on from the kept one.
+    student, tokenizer = MindReadingStudent.from_pretrained(model_path(stage))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    module = StudentWithTeacher(student, FrozenTeacher(str(model_path(trained_teacher)), KDConfig()))
+    optimizer = torch.optim.AdamW(student.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(stage, Accelerator(cpu=True), module, optimizer, scheduler, {}, torch.zeros(1))
+    student.save_pretrained(tmp_path / "moved", tokenizer, meta={"teacher_states": "diagonal"})
+
+    latest, kept = ceiling(stage, "--checkpoint"), ceiling(stage)
+    assert latest == ceiling(tmp_path / "moved")  # the checkpoint's student, scored as a model directory
+    assert latest["digit_accuracy"] != kept["digit_accuracy"]  # not the kept model
