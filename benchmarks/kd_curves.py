@@ -23,49 +23,55 @@ from icot.pipeline import save_figure, validations
 STAGES = ("student", "emulator", "couple", "nocot")
 
 
-def stage_validations(stage_dir: Path) -> list[dict[str, Any]]:
-    """The validation records of a stage directory's metrics.jsonl, in order ([] for a stage not reached)."""
-    path = stage_dir / "metrics.jsonl"
-    return validations(path) if path.is_file() else []
+def score_key(stage: str) -> str:
+    """The validation field a stage is ranked and drawn by: R² for the emulator, exact match otherwise."""
+    return "val_r2" if stage == "emulator" else "val_accuracy"
 
 
-def best(vals: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The validation with the highest ``key`` (the earliest of ties), or None."""
-    scored = [v for v in vals if key in v]
-    return max(scored, key=lambda v: (v[key], -v["step"])) if scored else None
+def stage_validations(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    """The validation records of ``run_dir/stage/metrics.jsonl`` that carry the stage's score, in order ([] for
+    a stage not reached; an emulator validation has no R² when no layer's teacher state varied)."""
+    path = run_dir / stage / "metrics.jsonl"
+    return [v for v in validations(path) if score_key(stage) in v] if path.is_file() else []
+
+
+def best(vals: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The validation with the highest ``key`` (the earliest of ties); ``vals`` all carry it."""
+    return max(vals, key=lambda v: (v[key], -v["step"]))
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
     """Per stage: validations, examples seen, best exact match (R² for the emulator) and where."""
     out: dict[str, Any] = {}
     for stage in STAGES:
-        vals = stage_validations(run_dir / stage)
+        vals = stage_validations(run_dir, stage)
         if not vals:
             continue
-        key = "val_r2" if stage == "emulator" else "val_accuracy"
+        key = score_key(stage)
         top = best(vals, key)
         out[stage] = {"validations": len(vals), "examples": vals[-1]["examples"], "best_" + key: top[key],
                       "best_at_examples": top["examples"], "last_token_accuracy": vals[-1].get("val_token_accuracy")}
     return out
 
 
-# Each panel: its stages and its title. A panel no run has reached is left out of the figure.
+EXACT = "dev exact match (dotted: token accuracy)"
+# Each panel: its stages, title and y label. A panel no run has reached is left out of the figure.
 PANELS = (
-    (("student",), "student on teacher states (ceiling)"),
-    (("emulator",), "emulator R² (dotted: per layer)"),
-    (("couple", "nocot"), "coupled model (dashed: no-CoT)"),
+    (("student",), "student on teacher states (ceiling)", EXACT),
+    (("emulator",), "emulator R² (dotted: per layer)", "R² against the teacher states"),
+    (("couple", "nocot"), "coupled model (dashed: no-CoT)", EXACT),
 )
 
 
-def panels_reached(runs: dict[str, Path]) -> list[tuple[tuple[str, ...], str]]:
-    """The panels of ``PANELS`` for which at least one run has validations."""
-    return [(stages, title) for stages, title in PANELS
-            if any(stage_validations(d / stage) for d in runs.values() for stage in stages)]
+def panels_reached(runs: dict[str, Path]) -> list[tuple[tuple[str, ...], str, str]]:
+    """The panels of ``PANELS`` for which at least one run has validations to draw."""
+    return [panel for panel in PANELS
+            if any(stage_validations(d, stage) for d in runs.values() for stage in panel[0])]
 
 
 def draw_exact(ax, run_dir: Path, stage: str, label: str, colour: str, style: str) -> None:
     """A stage's dev exact match (``style``) and token accuracy (dotted) against examples seen."""
-    vals = stage_validations(run_dir / stage)
+    vals = stage_validations(run_dir, stage)
     if not vals:
         return
     x = [v["examples"] for v in vals]
@@ -76,7 +82,7 @@ def draw_exact(ax, run_dir: Path, stage: str, label: str, colour: str, style: st
 
 def draw_r2(ax, run_dir: Path, label: str, colour: str) -> None:
     """The emulator's mean R² (solid) and each layer's (dotted) against examples seen."""
-    vals = [v for v in stage_validations(run_dir / "emulator") if "val_r2" in v]
+    vals = stage_validations(run_dir, "emulator")
     if not vals:
         return
     x = [v["examples"] for v in vals]
@@ -96,7 +102,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     if not panels:
         raise ValueError(f"no stage of {', '.join(map(str, runs.values()))} has a validation to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (stages, title) in zip(axes[0], panels):
+    for ax, (stages, title, ylabel) in zip(axes[0], panels):
         for i, (label, run_dir) in enumerate(runs.items()):
             colour = f"C{i}"
             for stage in stages:
@@ -108,10 +114,10 @@ def plot(runs: dict[str, Path], path: Path) -> None:
                     draw_exact(ax, run_dir, stage, label, colour, "-")
         ax.set_title(title)
         ax.set_xlabel("training examples")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("dev exact match (dotted: token accuracy)")
     save_figure(fig, path)
 
 
@@ -129,7 +135,10 @@ def main() -> None:
         runs[label] = Path(directory)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(runs, out)
+    try:
+        plot(runs, out)
+    except ValueError as e:  # no run has a validation yet
+        raise SystemExit(str(e)) from None
     table = {label: summary(d) for label, d in runs.items()}
     out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     for label, stages in table.items():

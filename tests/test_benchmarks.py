@@ -156,19 +156,25 @@ def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_pat
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path):
+def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path, monkeypatch):
+    def write(run, stage, record):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "metrics.jsonl").write_text(json.dumps({"event": "validate", "step": 10, "examples": 320,
+                                                               **record}) + "\n")
+
     student_only, nowhere = tmp_path / "student-only", tmp_path / "nowhere"
-    (student_only / "student").mkdir(parents=True)
+    write(student_only, "student", {"val_accuracy": 0.0, "val_token_accuracy": 0.5})
+    write(student_only, "emulator", {"val_accuracy": 0.0})  # no R²: no layer's teacher state varied
     nowhere.mkdir()
-    (student_only / "student" / "metrics.jsonl").write_text(json.dumps(
-        {"event": "validate", "step": 10, "examples": 320, "val_accuracy": 0.0, "val_token_accuracy": 0.5}) + "\n")
-    titles = [title for _, title in kd_curves.panels_reached({"a": student_only, "b": nowhere})]
+    titles = [title for _, title, _ in kd_curves.panels_reached({"a": student_only, "b": nowhere})]
     assert titles == ["student on teacher states (ceiling)"]  # no empty emulator or couple panel
+    assert set(kd_curves.summary(student_only)) == {"student"}
+    figures = []
+    monkeypatch.setattr(kd_curves, "save_figure", lambda fig, path: figures.append(fig))
     kd_curves.plot({"a": student_only}, tmp_path / "student.png")
-    assert (tmp_path / "student.png").stat().st_size > 0
+    assert [ax.get_title() for ax in figures[0].axes] == titles
     with pytest.raises(ValueError, match="no stage of .*nowhere has a validation"):
         kd_curves.plot({"b": nowhere}, tmp_path / "none.png")
-
 
 def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, student_dir, emulator_dir, monkeypatch,
                                               capsys):
@@ -218,9 +224,20 @@ def test_kd_ceiling_scores_the_student_of_the_latest_checkpoint_when_asked(kd_co
     module = StudentWithTeacher(student, FrozenTeacher(str(model_path(trained_teacher)), KDConfig()))
     optimizer = torch.optim.AdamW(student.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(stage, Accelerator(cpu=True), module, optimizer, scheduler, {}, torch.zeros(1))
+    save_checkpoint(stage, Accelerator(), module, optimizer, scheduler, {}, torch.zeros(1))
     student.save_pretrained(tmp_path / "moved", tokenizer, meta={"teacher_states": "diagonal"})
 
     latest, kept = ceiling(stage, "--checkpoint"), ceiling(stage)
     assert latest == ceiling(tmp_path / "moved")  # the checkpoint's student, scored as a model directory
     assert latest["digit_accuracy"] != kept["digit_accuracy"]  # not the kept model
+
+    with pytest.raises(SystemExit, match="is a model directory"):
+        ceiling(stage / "best", "--checkpoint")
+    with torch.no_grad():
+        next(module.teacher.parameters()).add_(1.0)
+    save_checkpoint(stage, Accelerator(), module, optimizer, scheduler, {}, torch.zeros(1))
+    with pytest.raises(SystemExit, match="trained against another teacher .*differs"):
+        ceiling(stage, "--checkpoint")
+    shutil.rmtree(stage / "best")  # a stage before its first validation
+    with pytest.raises(SystemExit, match="no kept model yet"):
+        ceiling(stage, "--checkpoint")
