@@ -63,15 +63,18 @@ PANELS = (
 )
 
 
-def panels_reached(runs: dict[str, Path]) -> list[tuple[tuple[str, ...], str, str]]:
-    """The panels of ``PANELS`` for which at least one run has validations to draw."""
-    return [panel for panel in PANELS
-            if any(stage_validations(d, stage) for d in runs.values() for stage in panel[0])]
+def run_validations(runs: dict[str, Path]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{label: {stage: validations}}``, each metrics file read once."""
+    return {label: {stage: stage_validations(d, stage) for stage in STAGES} for label, d in runs.items()}
 
 
-def draw_exact(ax, run_dir: Path, stage: str, label: str, colour: str, style: str) -> None:
+def panels_reached(vals: dict[str, dict[str, list[dict[str, Any]]]]) -> list[tuple[tuple[str, ...], str, str]]:
+    """The panels of ``PANELS`` for which at least one run of ``vals`` (:func:`run_validations`) has validations."""
+    return [panel for panel in PANELS if any(run[stage] for run in vals.values() for stage in panel[0])]
+
+
+def draw_exact(ax, vals: list[dict[str, Any]], label: str, colour: str, style: str) -> None:
     """A stage's dev exact match (``style``) and token accuracy (dotted) against examples seen."""
-    vals = stage_validations(run_dir, stage)
     if not vals:
         return
     x = [v["examples"] for v in vals]
@@ -80,9 +83,8 @@ def draw_exact(ax, run_dir: Path, stage: str, label: str, colour: str, style: st
         ax.plot(x, [v["val_token_accuracy"] for v in vals], ":", color=colour, alpha=0.7)
 
 
-def draw_r2(ax, run_dir: Path, label: str, colour: str) -> None:
+def draw_r2(ax, vals: list[dict[str, Any]], label: str, colour: str) -> None:
     """The emulator's mean R² (solid) and each layer's (dotted) against examples seen."""
-    vals = stage_validations(run_dir, "emulator")
     if not vals:
         return
     x = [v["examples"] for v in vals]
@@ -98,20 +100,21 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = panels_reached(runs)
+    vals = run_validations(runs)
+    panels = panels_reached(vals)
     if not panels:
         raise ValueError(f"no stage of {', '.join(map(str, runs.values()))} has a validation to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (stages, title, ylabel) in zip(axes[0], panels):
-        for i, (label, run_dir) in enumerate(runs.items()):
+        for i, (label, run) in enumerate(vals.items()):
             colour = f"C{i}"
             for stage in stages:
                 if stage == "emulator":
-                    draw_r2(ax, run_dir, label, colour)
+                    draw_r2(ax, run[stage], label, colour)
                 elif stage == "nocot":
-                    draw_exact(ax, run_dir, stage, f"{label} no-CoT", colour, "--")
+                    draw_exact(ax, run[stage], f"{label} no-CoT", colour, "--")
                 else:
-                    draw_exact(ax, run_dir, stage, label, colour, "-")
+                    draw_exact(ax, run[stage], label, colour, "-")
         ax.set_title(title)
         ax.set_xlabel("training examples")
         ax.set_ylabel(ylabel)

@@ -166,7 +166,8 @@ def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path, monkeypatch):
     write(student_only, "student", {"val_accuracy": 0.0, "val_token_accuracy": 0.5})
     write(student_only, "emulator", {"val_accuracy": 0.0})  # no R²: no layer's teacher state varied
     nowhere.mkdir()
-    titles = [title for _, title, _ in kd_curves.panels_reached({"a": student_only, "b": nowhere})]
+    vals = kd_curves.run_validations({"a": student_only, "b": nowhere})
+    titles = [title for _, title, _ in kd_curves.panels_reached(vals)]
     assert titles == ["student on teacher states (ceiling)"]  # no empty emulator or couple panel
     assert set(kd_curves.summary(student_only)) == {"student"}
     figures = []
@@ -175,6 +176,7 @@ def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path, monkeypatch):
     assert [ax.get_title() for ax in figures[0].axes] == titles
     with pytest.raises(ValueError, match="no stage of .*nowhere has a validation"):
         kd_curves.plot({"b": nowhere}, tmp_path / "none.png")
+
 
 def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, student_dir, emulator_dir, monkeypatch,
                                               capsys):
