@@ -302,6 +302,52 @@ def test_grad_accumulation_counts_optimizer_steps(tiny_config, tmp_path):
     assert stage.calls == 12  # two micro-batches of 4 per optimizer step
 
 
+class Watched(torch.Tensor):
+    """A tensor that counts the reads of its value into Python (each one a host-device sync on an accelerator);
+    ``detach``, ``float`` and ``stack`` keep the class, so the loop's copies of a loss stay watched."""
+
+    reads = 0
+
+    def item(self):
+        Watched.reads += 1
+        return super().item()
+
+    def tolist(self):
+        Watched.reads += 1
+        return super().tolist()
+
+    def __float__(self):
+        Watched.reads += 1
+        return super().__float__()
+
+
+class WatchedStage(ToyStage):
+    """A toy stage whose loss and extra scalar are watched tensors; it keeps each loss's value to compare."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.losses = []
+
+    def loss(self, module, batch):
+        loss, _ = super().loss(module, batch)
+        self.losses.append(float(loss.detach()))
+        return loss.as_subclass(Watched), {"calls": torch.tensor(float(self.calls)).as_subclass(Watched)}
+
+
+def test_losses_are_read_back_when_logged_not_every_step(tiny_config, tmp_path):
+    Watched.reads = 0
+    stage = WatchedStage(n=64)
+    train_stage(stage, _toy_cfg(tiny_config, grad_accum=2, max_steps=12, log_every=4, eval_every=0), tmp_path,
+                tiny_config, progress=False)
+    logs = _events(tmp_path, "train")
+    assert [e["step"] for e in logs] == [4, 8, 12]
+    # 24 micro-batches, but per log one read of the pending losses and one of the extra scalar.
+    assert Watched.reads == 2 * len(logs)
+    for i, e in enumerate(logs):  # the deferred reads log what an immediate read would have
+        assert e["loss"] == pytest.approx(sum(stage.losses[8 * i:8 * i + 8]) / 8)
+        assert e["calls"] == 8 * (i + 1)
+
+
 def test_epochs_bound_the_steps(tiny_config, tmp_path):
     stage = ToyStage(n=40)  # 5 batches of 8 per epoch
     result = train_stage(stage, _toy_cfg(tiny_config, max_steps=0, epochs=2.0, eval_every=0), tmp_path,

@@ -134,9 +134,9 @@ class EmulatorStage(Stage):
     def collate(self, items: Sequence[PairedItem]) -> dict[str, torch.Tensor]:
         return paired_batch(items, self.layout.pad_id)
 
-    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         loss, parts = module(batch)
-        return loss, {k: v.item() for k, v in parts.items()}
+        return loss, {k: v.detach() for k, v in parts.items()}  # read back by the loop when it logs
 
     def validate(self, module: nn.Module) -> dict[str, float]:
         """Mean validation loss, and the R² per layer of the states the emulator predicts at inference against the

@@ -108,8 +108,9 @@ class Stage:
         """Turn a list of training items into a batch of tensors."""
         raise NotImplementedError
 
-    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss of one batch, and extra scalars to log."""
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The training loss of one batch, and extra scalars to log: floats or 0-d tensors, which the loop reads
+        back only when it logs (an ``.item()`` here would make the host wait for the device every step)."""
         raise NotImplementedError
 
     def validate(self, module: nn.Module) -> dict[str, float]:
@@ -346,6 +347,9 @@ class _Trainer:
         self.progress = progress
         self._identity: dict[str, Any] | None = None
         self.done, self.at_boundary, self.extra, self.changed = False, True, {}, {}
+        # Micro-batch losses not yet read back: reading each one at once (.item()) would make the host wait
+        # for the device every step; they are read together when the run logs or saves (_read_losses).
+        self.pending: list[torch.Tensor] = []
         self.stopped_by = ""  # what ended the run: max_steps, epochs, max_minutes or patience
 
     @property
@@ -522,7 +526,7 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         p.micro_steps += 1
         p.batches_in_epoch += 1
-        p.running.append(loss.detach().float().item())
+        self.pending.append(loss.detach().float())  # () on the device
         self.at_boundary = acc.sync_gradients
 
     def _end_step(self, stop: StopSignals) -> None:
@@ -564,8 +568,15 @@ class _Trainer:
     def _elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def _read_losses(self) -> None:
+        """Move the pending micro-batch losses into ``position.running`` with one read-back."""
+        if self.pending:
+            self.position.running.extend(torch.stack(self.pending).tolist())
+            self.pending.clear()
+
     def _log_train(self) -> None:
         p = self.position
+        self._read_losses()
         # Each process saw its own micro-batches: the logged loss is the global batch's.
         values = mean_across({"loss": sum(p.running) / len(p.running), **self.extra})
         loss = values.pop("loss")
@@ -601,6 +612,7 @@ class _Trainer:
     def _save_checkpoint(self) -> Path:
         p, acc = self.position, self.accelerator
         p.elapsed, p.metrics_lines = self._elapsed(), self.log.lines
+        self._read_losses()
         running = p.running
         if acc.num_processes > 1 and running:
             # Per-entry means over processes give the same next train log as each process's own list.
