@@ -208,7 +208,8 @@ class _Position:
     """Where a run stands: saved in checkpoints (``trainer_state.json``), restored on resume.
 
     ``batches_in_epoch`` counts this process's micro-batches of the current epoch; ``running`` holds the
-    losses of the micro-batches since the last train log; ``metrics_lines`` is the length of metrics.jsonl;
+    losses of the micro-batches since the last train log (between logs and saves the newest wait on the device in
+    ``_Trainer.pending``); ``metrics_lines`` is the length of metrics.jsonl;
     ``stale`` counts the eligible validations in a row that did not improve the kept model.
     """
 
