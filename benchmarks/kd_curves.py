@@ -40,11 +40,12 @@ def best(vals: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return max(vals, key=lambda v: (v[key], -v["step"]))
 
 
-def summary(run_dir: Path) -> dict[str, Any]:
-    """Per stage: validations, examples seen, best exact match (R² for the emulator) and where."""
+def summary(run: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per stage of one run's validations (a value of :func:`run_validations`): validations, examples seen, best
+    exact match (R² for the emulator) and where."""
     out: dict[str, Any] = {}
     for stage in STAGES:
-        vals = stage_validations(run_dir, stage)
+        vals = run[stage]
         if not vals:
             continue
         key = score_key(stage)
@@ -93,17 +94,17 @@ def draw_r2(ax, vals: list[dict[str, Any]], label: str, colour: str) -> None:
         ax.plot(x, [v.get(k) for v in vals], ":", color=colour, alpha=0.5)
 
 
-def plot(runs: dict[str, Path], path: Path) -> None:
-    """One panel per stage group some run reached (student, emulator, couple with no-CoT); one colour per run."""
+def plot(vals: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
+    """One panel per stage group some run of ``vals`` (:func:`run_validations`) reached (student, emulator,
+    couple with no-CoT); one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vals = run_validations(runs)
     panels = panels_reached(vals)
     if not panels:
-        raise ValueError(f"no stage of {', '.join(map(str, runs.values()))} has a validation to plot")
+        raise ValueError(f"no stage of run {', '.join(vals)} has a validation to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (stages, title, ylabel) in zip(axes[0], panels):
         for i, (label, run) in enumerate(vals.items()):
@@ -138,11 +139,12 @@ def main() -> None:
         runs[label] = Path(directory)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    vals = run_validations(runs)
     try:
-        plot(runs, out)
+        plot(vals, out)
     except ValueError as e:  # no run has a validation yet
-        raise SystemExit(str(e)) from None
-    table = {label: summary(d) for label, d in runs.items()}
+        raise SystemExit(f"{e} ({', '.join(map(str, runs.values()))})") from None
+    table = {label: summary(run) for label, run in vals.items()}
     out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     for label, stages in table.items():
         for stage, s in stages.items():

@@ -146,13 +146,14 @@ def test_kd_summary_takes_each_stage_s_best_and_skips_stages_not_reached(tmp_pat
                       (20, {"val_accuracy": 0.5, "val_token_accuracy": 0.7}),
                       (30, {"val_accuracy": 0.5, "val_token_accuracy": 0.8})])
     write("emulator", [(10, {"val_accuracy": 0.0, "val_r2": 0.75}), (20, {"val_accuracy": 0.0, "val_r2": 0.5})])
-    table = kd_curves.summary(tmp_path)
+    vals = kd_curves.run_validations({"run": tmp_path})
+    table = kd_curves.summary(vals["run"])
     assert set(table) == {"student", "emulator"}  # couple and no-CoT not reached
     # The earliest of tied bests; the emulator is ranked by R², not by its constant 0 exact match.
     assert table["student"] == {"validations": 3, "examples": 960, "best_val_accuracy": 0.5,
                                 "best_at_examples": 640, "last_token_accuracy": 0.8}
     assert table["emulator"]["best_val_r2"] == 0.75 and table["emulator"]["best_at_examples"] == 320
-    kd_curves.plot({"run": tmp_path}, tmp_path / "curves.png")
+    kd_curves.plot(vals, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -169,13 +170,13 @@ def test_kd_curves_draw_only_the_panels_some_run_reached(tmp_path, monkeypatch):
     vals = kd_curves.run_validations({"a": student_only, "b": nowhere})
     titles = [title for _, title, _ in kd_curves.panels_reached(vals)]
     assert titles == ["student on teacher states (ceiling)"]  # no empty emulator or couple panel
-    assert set(kd_curves.summary(student_only)) == {"student"}
+    assert set(kd_curves.summary(vals["a"])) == {"student"}
     figures = []
     monkeypatch.setattr(kd_curves, "save_figure", lambda fig, path: figures.append(fig))
-    kd_curves.plot({"a": student_only}, tmp_path / "student.png")
+    kd_curves.plot({"a": vals["a"]}, tmp_path / "student.png")
     assert [ax.get_title() for ax in figures[0].axes] == titles
-    with pytest.raises(ValueError, match="no stage of .*nowhere has a validation"):
-        kd_curves.plot({"b": nowhere}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match="no stage of run b has a validation"):
+        kd_curves.plot({"b": vals["b"]}, tmp_path / "none.png")
 
 
 def test_kd_ceiling_is_the_pipeline_s_ceiling(kd_config, trained_teacher, student_dir, emulator_dir, monkeypatch,
