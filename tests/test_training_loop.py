@@ -370,16 +370,17 @@ def test_time_budget_stops_early(tiny_config, tmp_path):
 
 
 class ScriptedStage(ToyStage):
-    """A toy stage whose validations return the scripted ``(loss, eligible)`` in turn, from index ``first``."""
+    """A toy stage whose validations return the scripted ``(loss, eligible)`` or ``(loss, eligible, accuracy)``
+    in turn (accuracy 0 unless scripted), from index ``first``."""
 
     def __init__(self, script, first: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.script, self.next = script, first
 
     def validate(self, module):
-        loss, eligible = self.script[self.next]
+        loss, eligible, *accuracy = self.script[self.next]
         self.next += 1
-        return {"loss": loss, "accuracy": 0.0, "eligible": eligible}
+        return {"loss": loss, "accuracy": accuracy[0] if accuracy else 0.0, "eligible": eligible}
 
 
 # Validations at steps 4, 8, ...: the kept model improves at 8 (loss 2.0), at 12 only by a loss not yet
@@ -412,6 +413,36 @@ def test_patience_count_survives_resume(tiny_config, tmp_path):
     result = train_stage(ScriptedStage(SCRIPT, first=4), cfg, tmp_path, tiny_config, progress=False, resume=True)
     # Counting afresh from the checkpoint would have gone past step 24 (to the improvement at 28).
     assert (result["steps"], result["stopped_by"]) == (24, "patience")
+
+
+# Validations at steps 4, 8, 12, 16: the loss falls throughout while exact match is one line's noise, as in
+# kd-4x4's couple stage (0.5% of 200 lines once, early, then 0%).
+NOISY_EXACT = [(0.72, True, 0.005), (0.70, True, 0.0), (0.68, True, 0.0), (0.66, True, 0.0)]
+
+
+@pytest.mark.parametrize("by, kept, improved", [("accuracy", 4, [True, False, False, False]),
+                                                ("loss", 16, [True, True, True, True])])
+def test_keep_best_by_ranks_validations_by_exact_match_or_by_loss(tiny_config, tmp_path, by, kept, improved):
+    cfg = _toy_cfg(tiny_config, max_steps=16, keep_best_by=by)
+    stage = ScriptedStage(NOISY_EXACT)
+    snapshots = _with_snapshots(stage)
+    result = train_stage(stage, cfg, tmp_path, tiny_config, progress=False)
+    assert result["best"]["step"] == kept
+    assert [e["improved"] for e in _events(tmp_path, "validate")] == improved
+    # The kept weights are the ones validated at that step, not the last ones.
+    saved = torch.load(tmp_path / "best" / "weights.pt", weights_only=True)  # the test's own file
+    assert all(torch.equal(saved[k], v) for k, v in snapshots[kept // 4 - 1].items())
+    assert not torch.equal(snapshots[0]["0.weight"], snapshots[-1]["0.weight"])  # so the match names one step
+
+
+def test_keep_best_by_patience_counts_what_it_ranks(tiny_config, tmp_path):
+    # Ranked by exact match the loss's fall is stale after step 4, and patience 2 stops the run at step 12.
+    cfg = _toy_cfg(tiny_config, max_steps=16, patience=2)
+    assert train_stage(ScriptedStage(NOISY_EXACT), cfg, tmp_path / "a", tiny_config,
+                       progress=False)["steps"] == 12
+    cfg = _toy_cfg(tiny_config, max_steps=16, patience=2, keep_best_by="loss")
+    result = train_stage(ScriptedStage(NOISY_EXACT), cfg, tmp_path / "b", tiny_config, progress=False)
+    assert (result["steps"], result["stopped_by"]) == (16, "max_steps")
 
 
 def test_linear_warmup_then_constant(tiny_config, tmp_path):

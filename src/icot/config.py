@@ -129,6 +129,12 @@ class TrainConfig:
         patience: stop once this many validations in a row have not improved the kept model (0: never):
             train a stage until its validation score stops rising (the emulator's state error, say)
             instead of guessing its budget. Validations not yet eligible for keeping do not count.
+        keep_best_by: what keep-best (and so patience) ranks validations by: ``accuracy``, the exact match on
+            ``eval_examples`` lines with the validation loss breaking ties, or ``loss``, the validation loss
+            alone. Near 0% one line of ``eval_examples`` moves exact match by ``1 / eval_examples`` and decides
+            the kept model against any loss (kd-4x4's couple stage kept step 4,500 at 0.5% of 200 lines over
+            step 8,000's lower loss at 0%); ``loss`` ranks such a stage by what still moves. The emulator
+            stage reports no exact match, so it is ranked by its loss either way.
         batch_size: examples per optimizer step across all processes (the global batch).
         grad_accum: micro-batches accumulated into one optimizer step.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW and its warm-up (linear).
@@ -161,6 +167,7 @@ class TrainConfig:
     max_steps: int = 0
     max_minutes: float = 0.0
     patience: int = 0
+    keep_best_by: Literal["accuracy", "loss"] = "accuracy"
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-5

@@ -80,8 +80,8 @@ from icot.training.signals import StopSignals
 # or data. The neutral fields
 # (config.NEUTRAL_FIELDS: logging, saving, trackers) may change anywhere; any other change in the sections
 # the stage depends on, or in the stage directories it reads, is refused.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "eval_examples", "eval_batch_size",
-             "lr_schedule", "min_lr_ratio", "mixed_precision", "compile")
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "keep_best_by", "eval_every", "eval_examples",
+             "eval_batch_size", "lr_schedule", "min_lr_ratio", "mixed_precision", "compile")
 
 
 class Stage:
@@ -159,7 +159,10 @@ class Stage:
         raise NotImplementedError
 
 
-def _score(metrics: dict[str, float]) -> tuple[float, float]:
+def _score(metrics: dict[str, float], keep_best_by: str) -> tuple[float, ...]:
+    """Keep-best's rank of a validation (higher is better), by ``TrainConfig.keep_best_by``."""
+    if keep_best_by == "loss":
+        return (-metrics["loss"],)
     # Higher exact match wins; lower validation loss breaks ties (long stretches at 0% are common).
     return metrics["accuracy"], -metrics["loss"]
 
@@ -595,7 +598,8 @@ class _Trainer:
         unwrapped.train()
         self.stage.after_validation(p.step, metrics)
         eligible = bool(metrics.get("eligible", True))
-        improved = eligible and (p.best is None or _score(metrics) > _score(p.best))
+        by = self.cfg.keep_best_by
+        improved = eligible and (p.best is None or _score(metrics, by) > _score(p.best, by))
         if eligible:
             p.stale = 0 if improved else p.stale + 1
         if improved:
